@@ -1,0 +1,329 @@
+"""
+Hand-written GPT-2 and BERT in one file, with the paper's two stochastic units.
+
+- GPT-2: pre-LayerNorm, learned positions, tied embeddings, tanh-GELU MLP, causal attention.
+- BERT: the same Block without the causal mask, trained as a masked LM (see `mask_tokens`).
+- DMU, Dynamic MLP Unit (App. B.3): the MLP keeps each hidden unit with retention p.
+- DTU, Dynamic Transformer Unit (App. B.4, eq. 142): attention logits from a score-weighted
+  random subset of each head's dimensions.
+With dropout=0, dmu_p=1 and dtu_r=1 the network is exactly GPT-2 (nanoGPT's names and keys).
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    causal: bool = True      # False = BERT (bidirectional masked LM)
+    dmu_p: float = 1.0       # DMU retention probability of MLP hidden units (1 = off)
+    dmu_mode: str = 'fix'    # 'prob' (Bernoulli per unit), 'fix' (exactly floor(p*n)), 'edge' (per weight)
+    dtu_r: float = 1.0       # DTU keep ratio of each head's dimensions (1 = off)
+
+
+# name -> (n_layer, n_head, n_embd); the parameter count is in the name (tests check within 10%)
+SIZES = {
+    'tiny':    (4, 4, 128),
+    'gpt2':    (12, 12, 768),     # 124M
+    'gpt2-1b': (18, 16, 2048),    # 1.01B
+    'gpt2-2b': (24, 20, 2560),    # 2.02B
+    'gpt2-3b': (36, 20, 2560),    # 2.96B
+    'bert-1b': (18, 16, 2048),    # 1.01B, bidirectional
+}
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.causal = config.causal
+        self.dtu_r = config.dtu_r
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        scale = None  # SDPA's default 1/sqrt(head dim)
+        if self.training and self.dtu_r < 1:
+            q, k = dtu_select(q, k, self.dtu_r)
+            scale = 1.0 / math.sqrt(q.size(-1))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0,
+                                           is_causal=self.causal, scale=scale)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def dtu_select(q, k, r):
+    """DTU (App. B.4, eq. 142): keep round(r*hs) of each head's hs dimensions for the logits.
+
+    Compatibility score of dimension i: ||Q[:, i]|| * ||K[:, i]|| over the sequence (detached).
+    The kept set is drawn without replacement with probability proportional to the score, by
+    Gumbel-top-k (Plackett-Luce sampling: no host sync, fixed shapes). Values are not touched.
+    """
+    hs = q.size(-1)
+    kept = max(1, round(r * hs))
+    with torch.no_grad():
+        score = q.norm(dim=2) * k.norm(dim=2)  # (B, nh, hs)
+        gumbel = -torch.log(-torch.log(torch.rand_like(score).clamp_(1e-20, 1.0)))
+        idx = (score.clamp_min(1e-20).log() + gumbel).topk(kept, dim=-1).indices
+    idx = idx.unsqueeze(2).expand(-1, -1, q.size(2), -1)
+    return q.gather(-1, idx), k.gather(-1, idx)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate='tanh')
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.dmu_p, self.dmu_mode = config.dmu_p, config.dmu_mode
+
+    def forward(self, x):
+        p = self.dmu_p
+        if not self.training or p >= 1:
+            return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        if self.dmu_mode == 'edge':
+            return self.dropout(self.edge_forward(x, p))
+        return self.dropout(self.node_forward(x, p))
+
+    def node_forward(self, x, p):
+        """DMU node-level (Def. A.4): slice the kept hidden units out of both weight matrices,
+        so a step at p=0.5 multiplies matrices half as wide. 'prob' keeps each unit with
+        probability p: a uniform subset of size k ~ Binomial(n, p) is the same distribution
+        (drawn on the CPU, so no device sync). 'fix' keeps exactly k = floor(p*n) (eq. 80).
+        The kept activations are rescaled by 1/p for 'prob' and n/k for 'fix' (equal to 1/p
+        when p*n is whole), so the output is unbiased in expectation (eqs. 79, 83)."""
+        n = self.c_fc.out_features
+        if self.dmu_mode == 'prob':
+            k, scale = int(torch.binomial(torch.tensor(float(n)), torch.tensor(p))), 1.0 / p
+        else:
+            k = max(1, math.floor(p * n))
+            scale = n / k
+        idx = torch.randperm(n, device=x.device)[:k]
+        b_fc = self.c_fc.bias[idx] if self.c_fc.bias is not None else None
+        h = self.gelu(F.linear(x, self.c_fc.weight[idx], b_fc))
+        return F.linear(h * scale, self.c_proj.weight[:, idx], self.c_proj.bias)
+
+    def edge_forward(self, x, p):
+        """DMU edge-level (Def. A.3, 'DMU2'): an independent Bernoulli(p) mask on every weight of
+        both matrices, rescaled by 1/p. Slow (two full-size masks); here to teach Thm B.5."""
+        w_fc = self.c_fc.weight * (torch.rand_like(self.c_fc.weight) < p) / p
+        w_proj = self.c_proj.weight * (torch.rand_like(self.c_proj.weight) < p) / p
+        return F.linear(self.gelu(F.linear(x, w_fc, self.c_fc.bias)), w_proj, self.c_proj.bias)
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self):
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def set_keep_ratios(self, dmu_p=None, dtu_r=None):
+        """Change the DMU/DTU keep ratios of every block (BAARA's action does this per step)."""
+        for block in self.transformer.h:
+            if dmu_p is not None:
+                block.mlp.dmu_p = dmu_p
+            if dtu_r is not None:
+                block.attn.dtu_r = dtu_r
+
+    def hidden(self, idx):
+        """Final hidden states (after ln_f), shape (B, T, n_embd)."""
+        T = idx.size(1)
+        assert T <= self.config.block_size, f"sequence of {T} > block_size {self.config.block_size}"
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, V) and, with targets, the mean cross-entropy over positions whose
+        target is not -1 (BERT marks unmasked positions -1)."""
+        logits = self.lm_head(self.hidden(idx))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; 2-D weights (matmuls, embeddings) decay, biases and LayerNorm gains do not."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        fused = device_type == 'cuda'
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None):
+        """GPT: sample autoregressively. Rows that emit stop_token keep emitting it."""
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('inf')
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            if stop_token is not None:
+                idx_next[done] = stop_token
+                done |= idx_next.squeeze(1) == stop_token
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    @torch.no_grad()
+    def generate_masked(self, idx, mask_id, steps=10, temperature=1.0, top_k=None):
+        """BERT: iterative mask-predict (Ghazvininejad et al. 2019). Positions equal to mask_id
+        are filled over `steps` rounds; each round samples every masked position and keeps the
+        most confident ones, so the number still masked falls linearly to zero."""
+        idx = idx.clone()
+        masked = idx == mask_id
+        total = masked.sum(dim=1, keepdim=True)
+        for step in range(steps):
+            logits, _ = self(idx)
+            logits = logits / max(temperature, 1e-8)
+            logits[..., mask_id] = -float('inf')
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[..., [-1]]] = -float('inf')
+            probs = F.softmax(logits, dim=-1)
+            sample = torch.multinomial(probs.view(-1, probs.size(-1)), 1).view(idx.shape)
+            conf = probs.gather(-1, sample.unsqueeze(-1)).squeeze(-1).masked_fill(~masked, -1.0)
+            n_fill = masked.sum(dim=1, keepdim=True) - (total * (steps - 1 - step)) // steps
+            rank = conf.argsort(dim=1, descending=True).argsort(dim=1)
+            fill = masked & (rank < n_fill)
+            idx[fill] = sample[fill]
+            masked &= ~fill
+        return idx
+
+
+def mask_tokens(idx, mask_id, vocab_size, generator=None):
+    """BERT masked-LM corruption: choose 15% of positions; of those 80% become [MASK], 10% a
+    random token, 10% stay. Returns (inputs, targets) with targets -1 at unchosen positions."""
+    u = torch.rand(idx.shape, generator=generator, device=idx.device)
+    chosen = u < 0.15
+    action = torch.rand(idx.shape, generator=generator, device=idx.device)
+    inputs = idx.clone()
+    inputs[chosen & (action < 0.8)] = mask_id
+    rand_pos = chosen & (action >= 0.8) & (action < 0.9)
+    random_tokens = torch.randint(vocab_size, idx.shape, generator=generator, device=idx.device)
+    inputs[rand_pos] = random_tokens[rand_pos]
+    targets = torch.where(chosen, idx, torch.full_like(idx, -1))
+    return inputs, targets
+
+
+def config_for(size, vocab_size, block_size, **overrides):
+    """A GPTConfig for a named size (SIZES); bert-* sizes are bidirectional."""
+    n_layer, n_head, n_embd = SIZES[size]
+    return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
+                     block_size=block_size, causal=not size.startswith('bert'), **overrides)
+
+
+def count_params(config):
+    """Parameter count without allocating: the model is built on the meta device."""
+    with torch.device('meta'):
+        return GPT(config).get_num_params()
+
+
+CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+
+
+def load_gpt2_state_dict(sd):
+    """GPT-2 weights in nanoGPT or Hugging Face layout -> (GPTConfig, nanoGPT state dict).
+
+    Hugging Face stores the four matmuls as Conv1D (in, out): they are transposed, as nanoGPT's
+    from_pretrained does. Keys may lack the 'transformer.' prefix (GPT2Model). n_head is not in
+    the weights; it is n_embd // 64, as in every released GPT-2. A nanoGPT checkpoint (a dict
+    with a 'model' entry) works too."""
+    if isinstance(sd, dict) and isinstance(sd.get('model'), dict):
+        sd = sd['model']
+    if not isinstance(sd, dict) or not any(k.endswith('wte.weight') for k in sd):
+        raise SystemExit("error: init_from file holds no GPT-2 weights (no wte.weight)")
+    sd = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in sd.items()}
+    sd = {(k if k.startswith(('transformer.', 'lm_head.')) else 'transformer.' + k): v for k, v in sd.items()
+          if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
+    wte = sd['transformer.wte.weight']
+    n_embd = wte.size(1)
+    hf_layout = sd['transformer.h.0.attn.c_attn.weight'].shape == (n_embd, 3 * n_embd)
+    if hf_layout:
+        sd = {k: (v.t().contiguous() if k.endswith(CONV1D) else v) for k, v in sd.items()}
+    sd.setdefault('lm_head.weight', wte)
+    n_layer = 1 + max(int(k.split('.')[2]) for k in sd if k.startswith('transformer.h.'))
+    config = GPTConfig(n_layer=n_layer, n_head=n_embd // 64, n_embd=n_embd, vocab_size=wte.size(0),
+                       block_size=sd['transformer.wpe.weight'].size(0),
+                       bias='transformer.ln_f.bias' in sd)
+    return config, sd
+
+
+def load_checkpoint(path):
+    """torch.load with one-line errors for a missing or unreadable file."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint {path!r} does not exist")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"error: checkpoint {path!r} is corrupt or not a checkpoint ({type(e).__name__})")
+
+
+def load_model_state(model, state, path):
+    try:
+        model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in state.items()})
+    except RuntimeError as e:
+        detail = ' '.join(str(e).split())[:300]
+        raise SystemExit(f"error: checkpoint {path!r} does not match the model: {detail}")

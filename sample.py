@@ -1,0 +1,62 @@
+"""
+Sample from a trained model: python sample.py --out_dir=out [--num_samples=5 --temperature=0.8 --top_k=40]
+
+GPT samples autoregressively (temperature, top-k). BERT fills a row of [MASK] by iterative
+mask-predict. The tokenizer comes from the checkpoint, so no data file is needed.
+"""
+import sys
+
+import torch
+
+from configurator import parse_flags
+from data import tokenizer_from_state
+from model import GPT, GPTConfig, load_checkpoint, load_model_state
+
+DEFAULTS = dict(out_dir='out', num_samples=5, max_new_tokens=64, temperature=1.0, top_k=0,
+                start='', mask_steps=10, seed=1337, device='cuda' if torch.cuda.is_available() else 'cpu')
+
+
+@torch.no_grad()
+def sample_texts(model, tok, n, max_new_tokens, temperature=1.0, top_k=0, start='', mask_steps=10,
+                 device='cpu', seed=1337, batch_size=100):
+    """n generated texts. GPT continues `start` (default: end-of-text, or a newline when the
+    tokenizer has none); BERT fills max_new_tokens [MASK] positions. Seeded and repeatable."""
+    was_training = model.training
+    model.eval()
+    top_k = top_k or None
+    texts = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, n, batch_size):
+            rows = min(batch_size, n - i)
+            if model.config.causal:
+                prompt = tok.encode(start) if start else [tok.eot] if tok.eot is not None else tok.encode('\n')
+                idx = torch.tensor([prompt] * rows, dtype=torch.long, device=device)
+                out = model.generate(idx, max_new_tokens, temperature, top_k)[:, len(prompt):]
+            else:
+                mask_id = model.config.vocab_size - 1
+                length = min(max_new_tokens, model.config.block_size)
+                idx = torch.full((rows, length), mask_id, dtype=torch.long, device=device)
+                out = model.generate_masked(idx, mask_id, mask_steps, temperature, top_k)
+            texts += [tok.decode(row) for row in out.tolist()]
+    model.train(was_training)
+    return texts
+
+
+def main(argv):
+    c, _ = parse_flags(DEFAULTS, argv)
+    path = f"{c['out_dir']}/ckpt.pt"
+    ckpt = load_checkpoint(path)
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    load_model_state(model, ckpt['model'], path)
+    model.to(c['device'])
+    tok = tokenizer_from_state(ckpt['tokenizer'])
+    texts = sample_texts(model, tok, c['num_samples'], c['max_new_tokens'], c['temperature'], c['top_k'],
+                         c['start'], c['mask_steps'], c['device'], c['seed'])
+    for text in texts:
+        print(text.rstrip('\n'))
+        print('---------------')
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,165 @@
+"""
+PSU: the feedback loop that stabilises training (Sec. 6.1), and the stability diagnostics of
+Definition 3.1.
+
+The paper never writes PSU down; it is a first-order negative feedback system (eq. 61)
+
+    x_{t+1} = x_t - eta * lambda * F(x_t) + xi_t
+
+that "stabilises internal generation statistics" and "biases parameter trajectories toward
+asymptotic boundedness and vanishing gradients". We build exactly those two things, as two
+channels sharing one gain lambda (DESIGN.md, "PSU, concretely"):
+
+1. stats: s_t = (mean predictive entropy, mean log-partition, mean end-of-text probability) of
+   the training forward pass, with gradient. r_t = EMA of the detached s (decay beta, r_0 = s_0).
+   Added to the loss: lambda * sum_k ((s_t,k - r_t,k) / scale_k)^2, scale_k the running std of
+   s_k - r_k (EMA of its square, same beta, started at 1, floor 0.05). Its gradient is a force
+   proportional to each statistic's error: a P-controller, eq. 61 with F = d/dx of that loss.
+2. params: after each optimiser step, theta <- theta - lambda * (theta - theta_bar), theta_bar
+   the EMA of the parameters (decay beta): the pull that bounds the trajectory (Def. 3.1, 1-3).
+
+lambda = 0 switches both off and train.py then never calls them: bit-identical to no PSU.
+"""
+import math
+
+import torch
+
+SCALE_FLOOR = 0.05
+
+
+class PSU:
+
+    def __init__(self, params, lam, beta, channels, eot):
+        assert channels in ('stats', 'params', 'both'), channels
+        self.lam, self.beta, self.eot = lam, beta, eot
+        self.stats_on = lam > 0 and channels in ('stats', 'both')
+        self.params_on = lam > 0 and channels in ('params', 'both')
+        self.params = [p for p in params if p.requires_grad]
+        self.names = ['entropy', 'log_partition'] + (['eot_prob'] if eot is not None else [])
+        self.ref = self.var = None  # statistics channel state, made at the first step
+        self.ema = [p.detach().clone() for p in self.params] if self.params_on else None
+        self.last = {}  # detached tensors for the log; turned into numbers only when logged
+
+    def statistics(self, logits, targets):
+        """s_t: predictive entropy, log-partition, end-of-text probability, each averaged over
+        the positions that have a target (all for GPT; the masked ones for BERT)."""
+        logits = logits.float()
+        log_z = torch.logsumexp(logits, dim=-1)
+        log_p = logits - log_z.unsqueeze(-1)
+        stats = [-(log_p.exp() * log_p).sum(-1), log_z]
+        if self.eot is not None:
+            stats.append(log_p[..., self.eot].exp())
+        weight = (targets != -1).float()
+        return torch.stack([(s * weight).sum() for s in stats]) / weight.sum().clamp_min(1)
+
+    def feedback_loss(self, logits, targets):
+        """The statistics channel's loss term (eq. 61); updates the reference afterwards."""
+        s = self.statistics(logits, targets)
+        if self.ref is None:
+            self.ref, self.var = s.detach().clone(), torch.ones_like(s)
+        error = s - self.ref
+        scale = self.var.sqrt().clamp_min(SCALE_FLOOR)
+        loss = self.lam * ((error / scale) ** 2).sum()
+        with torch.no_grad():
+            self.var.lerp_(error.detach() ** 2, 1 - self.beta)
+            self.ref.lerp_(s.detach(), 1 - self.beta)
+        self.last.update(stats=s.detach(), ref=self.ref.clone(), feedback_loss=loss.detach())
+        return loss
+
+    @torch.no_grad()
+    def pull(self):
+        """The parameter channel: move theta_bar toward theta, then theta toward theta_bar."""
+        torch._foreach_lerp_(self.ema, self.params, 1 - self.beta)
+        gap = torch._foreach_sub(self.ema, self.params)
+        self.last['pull_norm'] = self.lam * global_norm(gap)
+        torch._foreach_add_(self.params, gap, alpha=self.lam)
+
+    def log(self):
+        """Numbers for the JSON-lines log (this is the only place PSU syncs with the device)."""
+        out = {}
+        if 'stats' in self.last:
+            for name, s, r in zip(self.names, self.last['stats'].tolist(), self.last['ref'].tolist()):
+                out[f'psu_{name}'], out[f'psu_ref_{name}'] = s, r
+            out['psu_feedback_loss'] = self.last['feedback_loss'].item()
+        if 'pull_norm' in self.last:
+            out['psu_pull_norm'] = self.last['pull_norm'].item()
+        return out
+
+    def state_dict(self):
+        return {'ref': self.ref, 'var': self.var, 'ema': self.ema}
+
+    def load_state_dict(self, state):
+        self.ref, self.var = state['ref'], state['var']
+        if self.params_on and state['ema'] is not None:
+            for e, s in zip(self.ema, state['ema']):
+                e.copy_(s)
+
+
+def global_norm(tensors):
+    """||concat(tensors)||_2 as a 0-dim tensor (no host sync)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+
+class Diagnostics:
+    """Definition 3.1, measured: ||theta_t|| (bounded), ||g_t|| -> 0, ||theta_t - theta_{t-1}|| -> 0,
+    plus the smoothness of the loss curve.
+
+    record() is called at every eval with the numbers of the step just taken. verdict() judges
+    the last half of the records (at least 4 are needed): the run is "stable" when
+      (1) bounded: the largest parameter norm in the last half is at most 1.1 x the first one;
+      (2) vanishing gradients: the gradient-norm trend (least-squares slope of log ||g|| per
+          record) over the last half is <= 0;
+      (3) vanishing updates: the same for log ||theta_t - theta_{t-1}||.
+    Smoothness is reported beside it: the std of consecutive differences of the logged training
+    loss over the last half, divided by its mean (small = smooth); it does not enter the verdict.
+    """
+
+    def __init__(self):
+        self.records = []
+
+    def record(self, iter_num, param_norm, grad_norm, update_norm, losses):
+        diffs = [b - a for a, b in zip(losses[:-1], losses[1:])]
+        roughness = (std(diffs) / (sum(losses) / len(losses))) if len(diffs) > 1 else float('nan')
+        row = dict(iter=iter_num, param_norm=param_norm, grad_norm=grad_norm, update_norm=update_norm,
+                   loss_roughness=roughness)
+        self.records.append(row)
+        return row
+
+    def verdict(self):
+        tail = self.records[len(self.records) // 2:]
+        if len(tail) < 2 or len(self.records) < 4:
+            return {'verdict': 'undetermined', 'reason': f'{len(self.records)} evals, need 4'}
+        norms = [r['param_norm'] for r in tail]
+        bounded = max(norms) <= 1.1 * norms[0]
+        grad_slope = slope([math.log(max(r['grad_norm'], 1e-30)) for r in tail])
+        update_slope = slope([math.log(max(r['update_norm'], 1e-30)) for r in tail])
+        stable = bounded and grad_slope <= 0 and update_slope <= 0
+        return {'verdict': 'stable' if stable else 'not stable', 'param_norm_bounded': bounded,
+                'grad_norm_slope': grad_slope, 'update_norm_slope': update_slope,
+                'loss_roughness': tail[-1]['loss_roughness']}
+
+    def state_dict(self):
+        return {'records': self.records}
+
+    def load_state_dict(self, state):
+        self.records = list(state['records'])
+
+
+def slope(ys):
+    n = len(ys)
+    xm, ym = (n - 1) / 2, sum(ys) / n
+    return sum((i - xm) * (y - ym) for i, y in enumerate(ys)) / sum((i - xm) ** 2 for i in range(n))
+
+
+def std(xs):
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def update_norm(params, before):
+    """||theta_t - theta_{t-1}|| given a snapshot taken before the step."""
+    return global_norm(torch._foreach_sub([p.detach() for p in params], before))
+
+
+def param_norm(params):
+    return global_norm([p.detach() for p in params])
