@@ -235,17 +235,17 @@ def tokenizer_from_state(state):
 
 # -----------------------------------------------------------------------------
 
-def load_data(data, tokenizer, seed, n_sentences=150_000, val_fraction=0.1):
+def load_data(data, tokenizer, n_sentences=150_000, val_fraction=0.1):
     """-> (train ids, val ids, tokenizer, corpus text, SyntheticCorpus or None).
 
-    data='synthetic' builds the embedded corpus (seeded by `seed`), anything else is a path to
-    a UTF-8 text file. tokenizer='auto' is the word vocabulary for the synthetic corpus and
+    data='synthetic' builds the embedded corpus (always the same one: a run's seed changes the
+    training, not the data), anything else is a path to a UTF-8 text file. tokenizer='auto' is the word vocabulary for the synthetic corpus and
     compacted GPT-2 BPE for a file. The last val_fraction of the tokens is the validation split.
     """
     corpus = None
     if data == 'synthetic':
-        corpus = SyntheticCorpus(seed)
-        text = corpus.text(n_sentences, seed)
+        corpus = SyntheticCorpus()
+        text = corpus.text(n_sentences, seed=0)
     else:
         text = read_text(data)
     if tokenizer == 'auto':

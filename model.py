@@ -159,10 +159,15 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.init_weights()
+
+    def init_weights(self):
+        """GPT-2's init. Also re-run by train.py on FSDP's local shards (DTensors) after a
+        meta-device build, so that no rank ever holds the whole model."""
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if pn.endswith('c_proj.weight'):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -171,9 +176,20 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            module.reset_parameters()  # ones and zeros: a no-op at construction, needed after to_empty
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def estimate_mfu(self, tokens_per_s, peak_flops):
+        """Model FLOPs utilisation, as nanoGPT (PaLM, App. B): 6N + 12*L*H*Q*T FLOPs per token for
+        forward and backward, N the parameters less the position table, Q the head size, T the
+        context. Counted for the full model: DMU/DTU skip work, so their MFU understates the load."""
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        n = self.get_num_params() - self.transformer.wpe.weight.numel()
+        return (6 * n + 12 * L * H * Q * T) * tokens_per_s / peak_flops
 
     def set_keep_ratios(self, dmu_p=None, dtu_r=None):
         """Change the DMU/DTU keep ratios of every block (BAARA's action does this per step)."""
@@ -275,6 +291,14 @@ def config_for(size, vocab_size, block_size, **overrides):
                      block_size=block_size, causal=not size.startswith('bert'), **overrides)
 
 
+PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}  # dense bf16 FLOP/s, by GPU name
+
+
+def peak_flops(device_name):
+    """Dense bf16 peak of a GPU from torch.cuda.get_device_name(); None where unknown."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
+
+
 def count_params(config):
     """Parameter count without allocating: the model is built on the meta device."""
     with torch.device('meta'):
@@ -315,6 +339,10 @@ def load_checkpoint(path):
     """torch.load with one-line errors for a missing or unreadable file."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint {path!r} does not exist")
+    try:  # mmap: pages are read on use and shared by the ranks that all load the same file
+        return torch.load(path, map_location='cpu', weights_only=False, mmap=True)
+    except Exception:
+        pass  # a legacy (non-zip) file cannot be mapped
     try:
         return torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:

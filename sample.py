@@ -47,6 +47,8 @@ def main(argv):
     c, _ = parse_flags(DEFAULTS, argv)
     path = f"{c['out_dir']}/ckpt.pt"
     ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or not {'model_args', 'model', 'tokenizer'} <= set(ckpt):
+        raise SystemExit(f"error: {path!r} is not a checkpoint written by train.py")
     model = GPT(GPTConfig(**ckpt['model_args']))
     load_model_state(model, ckpt['model'], path)
     model.to(c['device'])

@@ -24,6 +24,11 @@ import math
 
 import torch
 
+try:  # FSDP's parameters are DTensors (shards); the helpers below treat them and plain tensors alike
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # a torch built without torch.distributed
+    DTensor = ()
+
 SCALE_FLOOR = 0.05
 
 
@@ -86,18 +91,32 @@ class PSU:
         return out
 
     def state_dict(self):
-        return {'ref': self.ref, 'var': self.var, 'ema': self.ema}
+        """Under FSDP a collective (the EMA is gathered whole): every rank must call it."""
+        ema = None if self.ema is None else [full_tensor(e) for e in self.ema]
+        return {'ref': self.ref, 'var': self.var, 'ema': ema}
 
     def load_state_dict(self, state):
         self.ref, self.var = state['ref'], state['var']
         if self.params_on and state['ema'] is not None:
             for e, s in zip(self.ema, state['ema']):
-                e.copy_(s)
+                copy_full_(e, s)
 
 
 def global_norm(tensors):
-    """||concat(tensors)||_2 as a 0-dim tensor (no host sync)."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+    """||concat(tensors)||_2 as a 0-dim tensor (no host sync); over all shards for FSDP's DTensors."""
+    return full_tensor(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))))
+
+
+def full_tensor(t):
+    """The whole tensor behind a DTensor (a collective: every rank must call it); t itself otherwise."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def copy_full_(dst, src):
+    """dst.copy_(src), where dst may be this rank's DTensor shard of the whole tensor src."""
+    if isinstance(dst, DTensor):
+        src = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements, src_data_rank=None)
+    dst.copy_(src)
 
 
 class Diagnostics:
@@ -119,7 +138,7 @@ class Diagnostics:
 
     def record(self, iter_num, param_norm, grad_norm, update_norm, losses):
         diffs = [b - a for a, b in zip(losses[:-1], losses[1:])]
-        roughness = (std(diffs) / (sum(losses) / len(losses))) if len(diffs) > 1 else float('nan')
+        roughness = (std(diffs) / (sum(losses) / len(losses))) if len(diffs) > 1 else None
         row = dict(iter=iter_num, param_norm=param_norm, grad_norm=grad_norm, update_norm=update_norm,
                    loss_roughness=roughness)
         self.records.append(row)

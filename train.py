@@ -19,13 +19,18 @@ from dataclasses import asdict
 import numpy as np
 import torch
 from torch.distributed import destroy_process_group, init_process_group
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from baara import BAARA
 from configurator import parse_flags
 from data import get_batch, load_data, tokenizer_from_state
-from model import GPT, GPTConfig, SIZES, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_tokens
+from model import GPT, GPTConfig, SIZES, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_tokens, peak_flops
 from sample import sample_texts
-from stabilize import PSU, Diagnostics, param_norm, update_norm
+from stabilize import PSU, Diagnostics, full_tensor, param_norm, update_norm
 
 DEFAULTS = dict(
     # I/O
@@ -46,15 +51,19 @@ DEFAULTS = dict(
     warmup_iters=50, lr_decay_iters=1000, min_lr=3e-4,
     # PSU (stabilize.py)
     psu_lambda=0.0, psu_channels='both', psu_beta=0.99,
+    # BAARA (baara.py): a policy picks each step's learning-rate factor, update scope and DMU/DTU keep ratios
+    baara=False, baara_cost='time',  # C_b from measured step times, or 'flops' (deterministic, reproducible)
     # end of run: samples and metrics written to out_dir
     num_samples=200, sample_tokens=64,
     # system
     device='cuda' if torch.cuda.is_available() else 'cpu',
     dtype='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32',
     compile=False, seed=1337,
+    fsdp=False,                   # under torchrun: shard parameters, gradients, optimiser state (FSDP2, fully_shard)
 )
 CHOICES = dict(model=('gpt', 'bert'), size=tuple(SIZES), dmu_mode=('prob', 'fix', 'edge'),
-               psu_channels=('stats', 'params', 'both'), dtype=('float32', 'bfloat16', 'float16'))
+               psu_channels=('stats', 'params', 'both'), dtype=('float32', 'bfloat16', 'float16'),
+               baara_cost=('time', 'flops'))
 CKPT = 'ckpt.pt'
 
 
@@ -63,8 +72,12 @@ def get_config(argv):
     n_layer/n_head/n_embd unless they are given too."""
     config, given = parse_flags(DEFAULTS, argv)
     if config['init_from'] == 'resume':
-        saved = load_checkpoint(os.path.join(config['out_dir'], CKPT))['config']
-        config = {**saved, **{k: config[k] for k in given}}
+        path = os.path.join(config['out_dir'], CKPT)
+        saved = load_checkpoint(path)
+        if not isinstance(saved, dict) or not isinstance(saved.get('config'), dict):
+            raise SystemExit(f"error: {path!r} is not a checkpoint written by train.py (it has no config)")
+        saved = saved['config']
+        config = {**DEFAULTS, **saved, **{k: config[k] for k in given}}  # keys newer than the checkpoint: defaults
     elif 'size' in given:
         for key, value in zip(('n_layer', 'n_head', 'n_embd'), SIZES[config['size']]):
             config[key] = config[key] if key in given else value
@@ -101,8 +114,10 @@ def estimate_loss(model, splits, c, tok, device, ctx):
     out = {}
     for name, ids in splits.items():
         gen = torch.Generator().manual_seed(c['seed'] + 7)
-        fork = torch.random.fork_rng(devices=[]) if c['model'] == 'bert' else nullcontext()
-        with fork:  # BERT's eval masks come from a fixed seed and leave the training RNG alone
+        # BERT's eval masks come from a fixed seed; forking (CPU and this GPU) leaves the
+        # training RNG (DMU/DTU draws, dropout, BERT's training masks) alone for both models
+        fork = torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.startswith('cuda') else [])
+        with fork:
             torch.manual_seed(c['seed'] + 7)
             losses = torch.zeros(c['eval_iters'])
             for k in range(c['eval_iters']):
@@ -126,6 +141,9 @@ def main(argv):
             torch.cuda.set_device(c['device'])
     else:
         rank, world = 0, 1
+    fsdp = c['fsdp']
+    if fsdp and not ddp:
+        raise SystemExit("error: fsdp=True needs torchrun, e.g. torchrun --standalone --nproc_per_node=2 train.py --fsdp=True")
     master = rank == 0
     device = c['device']
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
@@ -143,42 +161,59 @@ def main(argv):
         if c['tokenizer'] not in ('auto', 'gpt2'):
             raise SystemExit("error: GPT-2 weights need tokenizer=gpt2 (the full 50257-token vocabulary)")
         c['tokenizer'] = 'gpt2'
-    train_ids, val_ids, tok, corpus_text, corpus = load_data(c['data'], c['tokenizer'], c['seed'])
+    train_ids, val_ids, tok, corpus_text, corpus = load_data(c['data'], c['tokenizer'])
     if ckpt is not None and tokenizer_from_state(ckpt['tokenizer']).state() != tok.state():
         raise SystemExit(f"error: checkpoint in {c['out_dir']!r} was trained with another tokenizer or data")
     if len(val_ids) <= c['block_size'] + 1:
         raise SystemExit(f"error: the data has {len(train_ids) + len(val_ids)} tokens, too few for block_size {c['block_size']}")
     vocab_size = tok.vocab_size + (c['model'] == 'bert')  # BERT's [MASK] is the last id
     units = dict(dropout=c['dropout'], dmu_p=c['dmu_p'], dmu_mode=c['dmu_mode'], dtu_r=c['dtu_r'])
-    if gpt2_weights is not None:
-        config = GPTConfig(**{**asdict(model_args), **units, 'block_size': model_args.block_size})
+    if gpt2_weights is not None:  # crop the position table to block_size, as nanoGPT does
+        block_size = min(c['block_size'], model_args.block_size)
+        gpt2_weights['transformer.wpe.weight'] = gpt2_weights['transformer.wpe.weight'][:block_size]
+        config = GPTConfig(**{**asdict(model_args), **units, 'block_size': block_size})
     else:
         config = GPTConfig(n_layer=c['n_layer'], n_head=c['n_head'], n_embd=c['n_embd'], block_size=c['block_size'],
                            vocab_size=vocab_size, bias=c['bias'], causal=c['model'] == 'gpt', **units)
-    model = GPT(config)
-    if gpt2_weights is not None:
-        load_model_state(model, gpt2_weights, c['init_from'])
-        if c['block_size'] < config.block_size:  # crop the position table, as nanoGPT does
-            model.transformer.wpe.weight = torch.nn.Parameter(model.transformer.wpe.weight[:c['block_size']])
-            model.config.block_size = c['block_size']
-    if ckpt is not None:
-        load_model_state(model, ckpt['model'], os.path.join(c['out_dir'], CKPT))
-    model.to(device)
+    state = ckpt['model'] if ckpt is not None else gpt2_weights
+    if fsdp:
+        model = build_fsdp(config, device, world)
+        if state is None:
+            model.init_weights()  # on the local shards
+        else:  # the whole state dict, read from rank 0's copy (every rank maps the file, none copies it)
+            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        model = GPT(config)
+        if state is not None:
+            load_model_state(model, state, os.path.join(c['out_dir'], CKPT) if resuming else c['init_from'])
+        model.to(device)
     optimizer = model.configure_optimizers(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']), device_type)
+    names = {p: n for n, p in model.named_parameters()}
+    fqns = [names[p] for g in optimizer.param_groups for p in g['params']]  # the optimizer state's int keys
     psu = PSU(model.parameters(), c['psu_lambda'], c['psu_beta'], c['psu_channels'], tok.eot)
+    baara = (BAARA(model, train_ids, c['seed'], lambda g: batch(train_ids, c, tok, g, device), c['baara_cost'])
+             if c['baara'] else None)
     diagnostics = Diagnostics()
     iter_num = 0
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
+        if fsdp:
+            set_optimizer_state_dict(model, optimizer, rekey(ckpt['optimizer'], fqns),
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        else:
+            optimizer.load_state_dict(ckpt['optimizer'])
         psu.load_state_dict(ckpt['psu'])
+        ref_var = ckpt['psu'].get('ranks', [(psu.ref, psu.var)] * world)[rank]  # this rank's PSU reference
+        psu.ref, psu.var = (None if t is None else t.to(device) for t in ref_var)
         diagnostics.load_state_dict(ckpt['diagnostics'])
+        if baara and ckpt.get('baara') is not None:
+            baara.load_state_dict(ckpt['baara'])
         iter_num = ckpt['iter_num']
         gen.set_state(ckpt['rng']['data'][rank])
         torch.set_rng_state(ckpt['rng']['torch'][rank])
     raw_model = model
     if c['compile']:
         model = torch.compile(model)
-    if ddp:
+    if ddp and not fsdp:
         model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
     if master:
         os.makedirs(c['out_dir'], exist_ok=True)
@@ -189,20 +224,27 @@ def main(argv):
     log_file = open(os.path.join(c['out_dir'], 'log.jsonl'), 'a' if resuming else 'w') if master else None
 
     def save_checkpoint():
-        rngs = [None] * world, [None] * world
-        states = (gen.get_state(), torch.get_rng_state())
-        if ddp:  # every rank's RNG, so that a resumed run draws what the uninterrupted run drew
+        states = (gen.get_state(), torch.get_rng_state(), [None if t is None else t.cpu() for t in (psu.ref, psu.var)])
+        gathered = [states]
+        if ddp:  # every rank's RNG and PSU reference, so that a resumed run draws what the uninterrupted run drew
             gathered = [None] * world
             torch.distributed.all_gather_object(gathered, states)
-            rngs = [g[0] for g in gathered], [g[1] for g in gathered]
+        rngs = [g[0] for g in gathered], [g[1] for g in gathered]
+        psu_state = dict(psu.state_dict(), ranks=[g[2] for g in gathered])  # a collective under FSDP
+        if fsdp:  # gathered whole onto rank 0's CPU: the same single-file checkpoint as without FSDP
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(raw_model, options=opts)
+            optim_state = get_optimizer_state_dict(raw_model, optimizer, options=opts)
+            optim_state = rekey(optim_state, {n: i for i, n in enumerate(fqns)}) if master else None
         else:
-            rngs = [states[0]], [states[1]]
+            model_state, optim_state = raw_model.state_dict(), optimizer.state_dict()
         if not master:
             return
-        ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=c,
+        ckpt = dict(model=model_state, optimizer=optim_state, config=c,
                     model_args=asdict(raw_model.config), iter_num=iter_num, tokenizer=tok.state(),
-                    psu=psu.state_dict(), diagnostics=diagnostics.state_dict(),
-                    rng=dict(data=rngs[0], torch=rngs[1]))
+                    psu=psu_state, diagnostics=diagnostics.state_dict(), baara=baara.state_dict() if baara else None,
+                    rng=dict(data=rngs[0], torch=rngs[1]),
+                    loop=dict(recent_losses=recent_losses, grad_norm=float(grad_norm), last_update=float(last_update)))
         path = os.path.join(c['out_dir'], CKPT)
         torch.save(ckpt, path + '.tmp')
         os.replace(path + '.tmp', path)  # atomic: a crash never leaves half a checkpoint
@@ -215,12 +257,17 @@ def main(argv):
     # ---- the training loop
     params = [p for p in raw_model.parameters() if p.requires_grad]
     tokens_per_iter = c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps'] * world
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device_type == 'cuda' else None  # for MFU
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     recent_losses, grad_norm, last_update = [], torch.zeros(()), torch.zeros(())
+    if ckpt is not None and 'loop' in ckpt:  # what the next eval's diagnostics need, as the unbroken run had it
+        recent_losses = list(ckpt['loop']['recent_losses'])
+        grad_norm, last_update = torch.tensor(ckpt['loop']['grad_norm']), torch.tensor(ckpt['loop']['last_update'])
     t_start = t_log = time.time()
-    iter_start = iter_num
+    iter_start, steps_timed = iter_num, 0
     while True:
-        if iter_num % c['eval_interval'] == 0 or iter_num == c['max_iters']:
+        evaluated = resuming and iter_num == iter_start  # the saving run logged this eval already
+        if (iter_num % c['eval_interval'] == 0 or iter_num == c['max_iters']) and not evaluated:
             losses = estimate_loss(model, {'train': train_ids, 'val': val_ids}, c, tok, device, ctx)
             if nonfinite.item() or not all(math.isfinite(v) for v in losses.values()):
                 stop_nonfinite(iter_num, c)
@@ -233,7 +280,7 @@ def main(argv):
                 log(row)
             if iter_num > iter_start:
                 save_checkpoint()
-            t_log = time.time()  # eval time is not training throughput
+            t_log, steps_timed = time.time(), 0  # eval time is not training throughput
         if iter_num == c['max_iters']:
             break
 
@@ -242,23 +289,33 @@ def main(argv):
             group['lr'] = lr
         logging = iter_num % c['log_interval'] == 0
         before = [p.detach().clone() for p in params] if logging else None
+        if baara:
+            baara.start()  # the clock for C_b (eq. 63)
         for micro_step in range(c['gradient_accumulation_steps']):
-            if ddp:
+            if fsdp:  # reduce-scatter the gradients on the last micro-step only
+                raw_model.set_requires_gradient_sync(micro_step == c['gradient_accumulation_steps'] - 1)
+            elif ddp:
                 model.require_backward_grad_sync = micro_step == c['gradient_accumulation_steps'] - 1
             x, y = batch(train_ids, c, tok, gen, device)
             with ctx:
                 logits, loss = model(x, y)
+                if baara:
+                    baara.observe(logits, y, loss)
                 if psu.stats_on:
                     loss = loss + psu.feedback_loss(logits, y)
                 loss = loss / c['gradient_accumulation_steps']
             loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, c['grad_clip'] if c['grad_clip'] > 0 else float('inf'))
+        if baara:  # state -> action: lr = alpha_b * eta, the inactive blocks' gradients dropped (eq. 69)
+            baara.act(optimizer, lr)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, c['grad_clip'] if c['grad_clip'] > 0 else float('inf')))
         optimizer.step()
+        if baara:
+            baara.finish()  # v_b (eq. 65), read at the next act()
         optimizer.zero_grad(set_to_none=True)
         if psu.params_on:
             psu.pull()
         nonfinite |= ~torch.isfinite(loss.detach())
-        iter_num += 1
+        steps_timed += 1
 
         if logging:
             last_update = update_norm(params, before)
@@ -267,19 +324,45 @@ def main(argv):
                 stop_nonfinite(iter_num, c)
             recent_losses = (recent_losses + [lossf])[-50:]
             now = time.time()
-            elapsed_iters = iter_num - iter_start
-            tok_s = tokens_per_iter * min(c['log_interval'], elapsed_iters) / (now - t_log)
-            eta = (now - t_start) / elapsed_iters * (c['max_iters'] - iter_num)
-            t_log = now
+            tok_s = tokens_per_iter * steps_timed / (now - t_log)
+            eta = (now - t_start) / (iter_num + 1 - iter_start) * (c['max_iters'] - iter_num - 1)
+            t_log, steps_timed = now, 0
             if master:
-                log(dict(iter=iter_num, loss=lossf, lr=lr, tok_per_s=round(tok_s), eta_s=round(eta),
-                         grad_norm=grad_norm.item(), update_norm=last_update.item(), **psu.log()))
+                entropy = psu.statistics(logits.detach(), y)[0].item()  # for Fig. 3, with or without PSU
+                log(dict(iter=iter_num, loss=lossf, lr=lr, tok_per_s=round(tok_s), eta_s=round(eta), entropy=entropy,
+                         grad_norm=grad_norm.item(), update_norm=last_update.item(), **psu.log(), **(baara.log() if baara else {}),
+                         **({'mfu': raw_model.estimate_mfu(tok_s / world, peak)} if peak else {})))
+        iter_num += 1
 
+    if fsdp:  # samples and metrics run on rank 0 alone: gather the whole model there
+        state = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if master:
+            with torch.device('meta'):
+                raw_model = GPT(config)
+            raw_model.to_empty(device=device).load_state_dict(state)
     if master:
         log_file.close()
-        finish(raw_model, tok, corpus, corpus_text, diagnostics, c, device, ctx)
+        finish(raw_model, tok, corpus, corpus_text, val_ids, diagnostics, c, device, ctx)
     if ddp:
         destroy_process_group()
+
+
+def build_fsdp(config, device, world):
+    """FSDP2 without ever holding the whole model: build on the meta device, fully_shard each Block
+    then the root (tied wte/lm_head stay one parameter), then allocate only this rank's shards."""
+    with torch.device('meta'):
+        model = GPT(config)
+    mesh = init_device_mesh(device.split(':')[0], (world,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model.to_empty(device=device)
+
+
+def rekey(optim_state, keys):
+    """An optimizer state dict with its parameter keys mapped by keys: int index <-> FQN (FSDP's API)."""
+    return {'state': {keys[k]: v for k, v in optim_state['state'].items()},
+            'param_groups': [{**g, 'params': [keys[k] for k in g['params']]} for g in optim_state['param_groups']]}
 
 
 def stop_nonfinite(iter_num, c):
@@ -287,15 +370,19 @@ def stop_nonfinite(iter_num, c):
                      f"checkpoint in {c['out_dir']!r} is untouched")
 
 
-def finish(model, tok, corpus, corpus_text, diagnostics, c, device, ctx):
+def finish(model, tok, corpus, corpus_text, val_ids, diagnostics, c, device, ctx):
     """End of run: samples to samples.txt, metrics and the stability verdict to report.json."""
+    from metrics import evaluate, summary
     texts = sample_texts(model, tok, c['num_samples'], c['sample_tokens'], device=device, seed=c['seed'])
     with open(os.path.join(c['out_dir'], 'samples.txt'), 'w') as f:
         f.write('\n=====\n'.join(texts))
     verdict = diagnostics.verdict()
-    report = dict(config=c, stability=verdict)
+    metrics = evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=c['batch_size'],
+                       device=device, ctx=ctx, seed=c['seed'])
+    report = dict(config=c, stability=verdict, metrics=metrics)
     with open(os.path.join(c['out_dir'], 'report.json'), 'w') as f:
         json.dump(report, f, indent=1)
+    print(summary(metrics))
     print(f"stability: {verdict['verdict']}; {len(texts)} samples in {c['out_dir']}/samples.txt, e.g.:")
     for t in texts[:3]:
         print('  ' + t.strip().replace('\n', ' / ')[:100])

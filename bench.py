@@ -1,0 +1,242 @@
+"""
+Speed of the paper's units, as ratios that hold on any machine, all from one run:
+
+    python bench.py                          # about 3 minutes on 2 CPU cores
+    python bench.py --steps=21 --warmup=3    # steadier numbers
+    python bench.py --threads=1              # on a machine shared with other jobs
+
+Each row steps two training setups alternately (A, B, A, B, ...) so that a busy machine slows both
+alike, and divides the median step time of B by A's. A step is what train.py's loop does per
+iteration: batch -> forward (+ PSU's feedback loss) -> backward -> (BAARA's act) -> clip -> AdamW
+-> (PSU's pull, BAARA's finish). The loop body is mirrored here, not imported (train.py's loop is
+one function, and the logged-step extras every log_interval are left out). Setups with periodic
+work (BAARA's reference gradient every REF_EVERY steps) are timed over whole periods.
+On a GPU it adds torch.compile against eager, tokens/s and MFU at GPT-2 size (124M, bf16).
+"""
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import train
+from configurator import parse_flags
+from data import load_data
+from model import GPT, MLP, GPTConfig, peak_flops
+from stabilize import PSU
+
+BENCH = dict(steps=9, warmup=2, seed=1337, metrics_words=1_000_000,
+             threads=0,  # torch CPU threads; 0 = torch's default. On a shared machine 1 gives steadier ratios
+             device='cuda' if torch.cuda.is_available() else 'cpu',
+             dtype='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32')
+
+
+def baara_class():
+    """BAARA as train.py runs it, or the reason it cannot be benchmarked yet."""
+    if 'baara' not in train.DEFAULTS:
+        return None, "n/a: train.py has no 'baara' key yet"
+    try:
+        from baara import BAARA
+    except ImportError as e:
+        return None, f'n/a: {e}'
+    return BAARA, None
+
+
+class Setup:
+    """One training configuration from train.py's DEFAULTS plus overrides, stepped as train.py steps."""
+
+    def __init__(self, data, b, **over):
+        self.c = c = {**train.DEFAULTS, 'device': b['device'], 'dtype': b['dtype'], **over}
+        self.ids, self.tok = data
+        self.device = c['device']
+        device_type = 'cuda' if self.device.startswith('cuda') else 'cpu'
+        pt = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[c['dtype']]
+        self.ctx = nullcontext() if pt == torch.float32 else torch.autocast(device_type=device_type, dtype=pt)
+        torch.manual_seed(b['seed'])  # A and B start from the same weights
+        config = GPTConfig(n_layer=c['n_layer'], n_head=c['n_head'], n_embd=c['n_embd'], block_size=c['block_size'],
+                           vocab_size=self.tok.vocab_size, bias=c['bias'], dropout=c['dropout'],
+                           dmu_p=c['dmu_p'], dmu_mode=c['dmu_mode'], dtu_r=c['dtu_r'])
+        self.model = GPT(config).to(self.device)
+        self.optimizer = self.model.configure_optimizers(c['weight_decay'], c['learning_rate'],
+                                                         (c['beta1'], c['beta2']), device_type)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.psu = PSU(self.model.parameters(), c['psu_lambda'], c['psu_beta'], c['psu_channels'], self.tok.eot)
+        self.baara, self.period = None, 1
+        if c.get('baara'):
+            BAARA, _ = baara_class()
+            reference = lambda g: train.batch(self.ids, c, self.tok, g, self.device)
+            kwargs = {'cost': c['baara_cost']} if 'baara_cost' in c else {}
+            self.baara = BAARA(self.model, self.ids, c['seed'], reference, **kwargs)
+            self.period = sys.modules[BAARA.__module__].REF_EVERY
+        self.forward = torch.compile(self.model) if c['compile'] else self.model
+        self.gen = torch.Generator().manual_seed(b['seed'])
+        self.tokens = c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
+
+    def step(self):
+        c, accum = self.c, self.c['gradient_accumulation_steps']
+        if self.baara:
+            self.baara.start()
+        for _ in range(accum):
+            x, y = train.batch(self.ids, c, self.tok, self.gen, self.device)
+            with self.ctx:
+                logits, loss = self.forward(x, y)
+                if self.baara:
+                    self.baara.observe(logits, y, loss)
+                if self.psu.stats_on:
+                    loss = loss + self.psu.feedback_loss(logits, y)
+                loss = loss / accum
+            loss.backward()
+        if self.baara:
+            self.baara.act(self.optimizer, c['learning_rate'])
+        torch.nn.utils.clip_grad_norm_(self.params, c['grad_clip'])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.psu.params_on:
+            self.psu.pull()
+        if self.baara:
+            self.baara.finish()
+
+
+class MLPSetup:
+    """The MLP of one GPT-2 block alone (768 -> 3072 -> 768), with its own AdamW step: where DMU
+    acts, without the attention, embeddings and head that dilute its saving in a whole model."""
+
+    def __init__(self, b, dmu_p, n_embd=768, tokens=2048):
+        device = b['device']
+        torch.manual_seed(b['seed'])
+        self.mlp = MLP(GPTConfig(n_embd=n_embd, dmu_p=dmu_p, dmu_mode='fix')).to(device)
+        self.optimizer = torch.optim.AdamW(self.mlp.parameters(), lr=1e-4, fused=device.startswith('cuda'))
+        self.x = torch.randn(tokens // 64, 64, n_embd, device=device)
+        pt = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[b['dtype']]
+        dev_type = 'cuda' if device.startswith('cuda') else 'cpu'
+        self.ctx = nullcontext() if pt == torch.float32 else torch.autocast(device_type=dev_type, dtype=pt)
+        self.period, self.tokens = 1, tokens
+
+    def step(self):
+        with self.ctx:
+            loss = self.mlp(self.x).float().pow(2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.mlp.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def sync(device):
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def timed(setups, b):
+    """Median seconds per step of each setup, stepped alternately; a sample spans one period."""
+    period = max(s.period for s in setups)
+    times = [[] for _ in setups]
+    for i in range(b['warmup'] + b['steps']):
+        for s, t in zip(setups, times):
+            sync(b['device'])
+            t0 = time.perf_counter()
+            for _ in range(period):
+                s.step()
+            sync(b['device'])
+            if i >= b['warmup']:
+                t.append((time.perf_counter() - t0) / period)
+    return [statistics.median(t) for t in times]
+
+
+def machine(b):
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists('/proc/cpuinfo'):
+        names = [l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')]
+        cpu = names[0] if names else cpu
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'
+    return (f"machine: {cpu}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()}), "
+            f"torch {torch.__version__}, {gpu}; {b['dtype']} on {b['device']}")
+
+
+def metrics_time(corpus, corpus_text, n_words):
+    """Seconds of metrics.text_metrics (every text metric, modes included) on n_words generated-like
+    words: samples of 16 sentences drawn from the synthetic corpus."""
+    try:
+        from metrics import high_frequency_set, text_metrics
+    except ImportError as e:
+        return f'n/a: {e}'
+    sentences = []
+    while sum(len(s.split()) for s in sentences) < n_words:
+        sentences += corpus.text(n_words // 4, seed=len(sentences) + 1).split('\n')
+    texts, count = [], 0
+    for i in range(0, len(sentences), 16):
+        texts.append('\n'.join(sentences[i:i + 16]) + '\n')
+        count += sum(len(s.split()) for s in sentences[i:i + 16])
+        if count >= n_words:
+            break
+    hf = high_frequency_set(corpus_text)
+    t0 = time.perf_counter()
+    out = text_metrics(texts, hf, corpus)
+    dt = time.perf_counter() - t0
+    return f"{dt:.2f} s for {out['n_words'] / 1e6:.2f}M words in {len(texts):,} samples ({out['n_words'] / dt / 1e3:,.0f}k words/s)"
+
+
+def main(argv):
+    b, _ = parse_flags(BENCH, argv)
+    if b['threads'] > 0:
+        torch.set_num_threads(b['threads'])
+    print(machine(b))
+    ids, _, tok, corpus_text, corpus = load_data('synthetic', 'word')
+    data = (ids, tok)
+    d = train.DEFAULTS
+    tiny = f"tiny model ({d['n_layer']}x{d['n_embd']}, {d['batch_size']}x{d['block_size']} tokens)"
+    rows = []  # (what, ms A, ms B, ratio or text, goal)
+
+    def pair(what, a, bb, goal=None):
+        ta, tb = timed([a, bb], b)
+        rows.append((what, ta * 1e3, tb * 1e3, tb / ta, goal))
+        print(f'  {what}: {tb / ta:.3f}', flush=True)
+        return ta, tb
+
+    print(f"timing: median of {b['steps']} steps after {b['warmup']} warm-up, each pair stepped alternately")
+    pair('DMU p=0.5 / p=1, GPT-2 MLP alone (768->3072, 2048 tok)', MLPSetup(b, 1.0), MLPSetup(b, 0.5), 0.65)
+    pair(f'DMU p=0.5 / p=1, {tiny}', Setup(data, b), Setup(data, b, dmu_p=0.5))
+    pair(f'DTU r=0.5 / r=1, {tiny}', Setup(data, b), Setup(data, b, dtu_r=0.5))
+    off, _ = pair(f'PSU lambda=0.2 both / off, {tiny}', Setup(data, b),
+                  Setup(data, b, psu_lambda=0.2, psu_channels='both'), 1.05)
+    BAARA, why = baara_class()
+    if BAARA is None:
+        rows.append((f'BAARA on / off, {tiny}', None, None, why, None))
+    else:
+        pair(f'BAARA on / off, {tiny}', Setup(data, b), Setup(data, b, baara=True))
+    tok_s = f"{d['batch_size'] * d['block_size'] / off:,.0f} tok/s (tiny model, {b['device']}; no MFU without a GPU peak)"
+    if b['device'].startswith('cuda'):
+        ids2 = np.random.default_rng(0).integers(50257, size=2_000_000).astype(np.int32)
+        gpt2 = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=8, dropout=0.0)
+        fake = SimpleNamespace(vocab_size=50304, eot=None)
+        eager, comp = Setup((ids2, fake), b, **gpt2), Setup((ids2, fake), b, compile=True, **gpt2)
+        t_eager, t_comp = pair('compile / eager, GPT-2 124M (8x1024 tokens)', eager, comp)
+        peak = peak_flops(torch.cuda.get_device_name())
+        parts = []
+        for name, s, t in (('eager', eager, t_eager), ('compiled', comp, t_comp)):
+            rate = s.tokens / t
+            mfu = f', MFU {s.model.estimate_mfu(rate, peak):.1%}' if peak else ' (no peak FLOPs known for this GPU)'
+            parts.append(f'{name} {rate:,.0f} tok/s{mfu}')
+        tok_s = 'GPT-2 124M, bf16: ' + '; '.join(parts)
+    else:
+        rows.append(('compile / eager', None, None, 'n/a: no GPU (compile is benchmarked on GPU only)', None))
+    rows.append(('tokens/s, MFU', None, None, tok_s, None))
+    rows.append((f"text metrics on {b['metrics_words'] / 1e6:g}M words", None, None,
+                 metrics_time(corpus, corpus_text, b['metrics_words']), None))
+
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'':{width}}  {'A ms':>8} {'B ms':>8}  B/A")
+    for what, ta, tb, ratio, goal in rows:
+        if isinstance(ratio, str):
+            print(f'{what:{width}}  {ratio}')
+            continue
+        verdict = '' if goal is None else f"  goal <= {goal}: {'met' if ratio <= goal else 'NOT met'}"
+        print(f'{what:{width}}  {ta:8.1f} {tb:8.1f}  {ratio:.3f}{verdict}')
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

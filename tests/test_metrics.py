@@ -1,0 +1,211 @@
+"""Tests of metrics.py: each metric on inputs whose answer is known, and the CLI on run folders."""
+import json
+import math
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import metrics
+import train
+from data import SyntheticCorpus, WordTokenizer
+from model import GPT, GPTConfig
+
+MESSY = "Don't STOP, café's naïve-test!\n\nx1y 'quoted' \x01a\x02b\r\n\tend'"
+
+
+@pytest.fixture(scope='module')
+def corpus():
+    return SyntheticCorpus(1337)
+
+
+def test_words_and_fast_tokenizer_agree():
+    assert metrics.words("Don't STOP, me-now!") == ["don't", 'stop', 'me', 'now']
+    assert metrics.word_counts(MESSY) == Counter(metrics.words(MESSY))
+    vocab, ids = metrics.tokenize([MESSY, 'A b', ''])
+    toks = [vocab[i] for i in ids]
+    assert [t for t in toks if t not in ('\x01', '\x02')] == metrics.words(MESSY) + ['a', 'b']
+    assert toks.count('\x02') == 3 and toks.count('\x01') == MESSY.count('\n')
+
+
+def test_high_frequency_set_is_minimal_and_covers(corpus):
+    text = corpus.text(2000, seed=1)
+    counts = Counter(metrics.words(text))
+    total = sum(counts.values())
+    for fraction in (0.25, 0.5, 0.9):
+        hf = metrics.high_frequency_set(text, fraction)
+        assert sum(counts[w] for w in hf) >= fraction * total
+        least = min(hf, key=lambda w: (counts[w], w))
+        assert sum(counts[w] for w in hf - {least}) < fraction * total
+        assert min(counts[w] for w in hf) >= max(counts[w] for w in counts if w not in hf)
+    assert metrics.high_frequency_set("a a a a b b c d", 0.5) == {'a'}
+    assert metrics.high_frequency_set("a a a a b b c d", 0.6) == {'a', 'b'}
+    assert metrics.high_frequency_proportion("A b, a Z", {'a'}) == 0.5
+    assert metrics.high_frequency_proportion(text, metrics.high_frequency_set(text)) >= 0.25
+
+
+def test_entropy_eot_mass_and_effective_rank():
+    V = 50
+    assert metrics.predictive_entropy(torch.zeros(2, 3, V)) == pytest.approx(math.log(V))
+    peaked = torch.full((4, V), -1e4)
+    peaked[:, 7] = 0
+    assert metrics.predictive_entropy(peaked) == pytest.approx(0, abs=1e-6)
+    mask = torch.tensor([True, False, False, False])
+    mixed = torch.cat([torch.zeros(1, V), peaked[1:]])
+    assert metrics.predictive_entropy(mixed, mask) == pytest.approx(math.log(V))
+    assert metrics.eot_mass(torch.zeros(3, V), 4) == pytest.approx(1 / V)
+    assert metrics.eot_mass(peaked, 7) == pytest.approx(1.0)
+    assert metrics.sample_entropy(['a', 'b', 'c', 'd']) == pytest.approx(math.log(4))
+    assert metrics.sample_entropy(['a'] * 9) == 0
+    q, _ = torch.linalg.qr(torch.randn(16, 5, dtype=torch.float64))
+    assert metrics.effective_rank(q.T) == pytest.approx(5, rel=1e-9)  # 5 orthonormal vectors
+    assert metrics.effective_rank(torch.randn(40, 1) * torch.randn(1, 16)) == pytest.approx(1, rel=1e-9)
+    assert 1 < metrics.effective_rank(torch.randn(2, 100, 16)) <= 16
+
+
+def test_distinct_and_seq_rep():
+    assert metrics.distinct_n([['a', 'b', 'c'], ['a', 'b', 'd']], 1) == pytest.approx(4 / 6)
+    assert metrics.distinct_n([['a', 'b', 'c'], ['a', 'b', 'd']], 2) == pytest.approx(3 / 4)
+    assert metrics.distinct_n([['a', 'b'], ['b', 'c']], 2) == 1.0  # no n-gram across sequences
+    loop = [0, 1, 2] * 10  # period 3, 30 tokens: 27 4-grams, 3 unique -> 1 - 3/27
+    assert metrics.seq_rep_n([loop], 4) == pytest.approx(1 - 3 / 27)
+    assert metrics.seq_rep_n([[5] * 50], 4) == pytest.approx(1 - 1 / 47)
+    assert metrics.seq_rep_n([list(range(30))], 4) == 0
+    assert metrics.seq_rep_n([loop, list(range(30)), [1, 2]], 4) == pytest.approx((1 - 3 / 27) / 2)
+    big = list(range(70_000))  # 70000**4 > 2**63: the hashed n-gram codes
+    assert metrics.distinct_n([big, big[:10] * 2], 4) == pytest.approx((69_997 + 3) / (69_997 + 17))  # 3 new: 7890 8901 9012
+    assert metrics.seq_rep_n([big[:10] * 2], 4) == pytest.approx(1 - 10 / 17)
+
+
+def test_loop_share():
+    rng = np.random.default_rng(0)
+    looped = list(rng.integers(1000, size=15)) + [1, 2, 3, 4, 5, 6, 7] * 5  # tail of period 7
+    distinct = list(range(60))
+    assert metrics.loop_share([looped, distinct, [3] * 10, [3] * 25, []], max_period=10, tail=20) == 0.4
+    assert metrics.loop_share([list(range(10)) * 3], max_period=10, tail=20) == 1.0  # period 10, 30 tokens
+    assert metrics.loop_share([list(range(10)) * 3], max_period=9, tail=20) == 0.0
+
+
+def test_lengths_and_sentences():
+    m = metrics.text_metrics(["a b c\nd e\nf", "a b c d", "\nx y\n"], {'a'})
+    assert m['terminated'] == pytest.approx(2 / 3)
+    assert m['length_mean'] == 1.5 and m['length_hist'] == {'0': 1, '3': 1}
+    assert m['sentence_length_mean'] == pytest.approx((3 + 2 + 0 + 2) / 4)
+    bert = metrics.text_metrics(["a b c\nd e\nf", "\nx y\n"], {'a'}, drop_first=True)
+    assert bert['sentence_length_mean'] == 2
+    assert m['hf_proportion'] == pytest.approx(2 / 12)
+
+
+def test_template_labels_equal_mode_of(corpus):
+    rng = np.random.default_rng(3)
+    sents = corpus.sample_sentences(300, rng)
+    sents += [s[::-1] for s in sents[:50]] + [s[:-1] for s in sents[50:100]] + [s + s[:1] for s in sents[100:120]]
+    sents += [s + ['zzz'] for s in sents[120:140]] + [[], ['zzz'] + sents[0], sents[1] * 3]
+    vocab, ids = metrics.tokenize([''.join(' '.join(s) + '\n' for s in sents) + 'unfinished'])
+    sent, complete = metrics.sentences(ids)
+    word = ids > metrics.SEP
+    labels = metrics.template_labels(corpus, vocab, ids[word], sent[word], len(complete))[complete]
+    expected = [corpus.mode_of(s) for s in sents]
+    assert labels.tolist() == [-1 if e is None else e for e in expected]
+    assert sum(e is None for e in expected) > 50
+
+
+def test_true_sampler_keeps_all_modes_constant_sampler_one(corpus):
+    rng = np.random.default_rng(7)
+    sents = corpus.sample_sentences(6000, rng)
+    texts = [''.join(' '.join(s) + '\n' for s in sents[i:i + 10]) + 'half a sentence' for i in range(0, 6000, 10)]
+    hf = metrics.high_frequency_set(corpus.text(3000, seed=2))
+    m = metrics.text_metrics(texts, hf, corpus)
+    assert m['n_labels'] == 6000 and m['none_share'] == 0
+    assert m['n_modes'] >= 0.95 * len(corpus.templates)
+    assert m['top1_mass'] == pytest.approx(corpus.mode_probs[0], abs=0.03)
+    assert abs(m['modes_for_mass'] - metrics.smallest_set(corpus.mode_probs, 0.05)) <= 3
+    assert m['loop_share'] == 0 and m['seq_rep_4'] < 0.1
+    same = ' '.join(sents[0]) + '\n'
+    c = metrics.text_metrics([same * 12] * 50, hf, corpus)
+    assert (c['n_modes'], c['modes_for_mass'], c['top1_mass'], c['none_share']) == (1, 1, 1.0, 0.0)
+    assert c['loop_share'] == 1.0 and c['distinct_1'] < 0.01
+    labels = [corpus.mode_of(s) for s in sents]
+    assert metrics.mode_concentration(labels)['n_modes'] == m['n_modes']
+    assert metrics.mode_concentration(['x'] * 9 + [None])['none_share'] == pytest.approx(0.1)
+    w = metrics.text_metrics(['b a a a a'] * 3, hf)  # on other text the modes are words
+    assert (w['modes_kind'], w['n_modes'], w['top1_mass'], w['modes_for_mass']) == ('words', 2, 0.8, 2)
+
+
+def test_cross_seed():
+    stats = metrics.cross_seed([{'a': 1.0, 'b': 2, 's': 'x'}, {'a': 3.0, 'b': 2, 's': 'y'}])
+    assert stats == {'a': (2.0, pytest.approx(math.sqrt(2))), 'b': (2.0, 0.0)}
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_evaluate_on_a_tiny_model(corpus, causal):
+    tok = WordTokenizer(corpus.words)
+    text = corpus.text(300, seed=4)
+    ids = np.array(tok.encode(text), dtype=np.int32)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=tok.vocab_size + (not causal),
+                          causal=causal))
+    texts = [text[:200], text[200:400]]
+    m = metrics.evaluate(model, tok, text, corpus, texts, ids, batch_size=4, n_batches=2)
+    assert abs(m['predictive_entropy'] - math.log(model.config.vocab_size)) < 0.1  # an untrained model is ~uniform
+    assert 1 <= m['effective_rank'] <= 16 and 0 < m['eot_mass'] < 0.1
+    assert 0.25 <= m['corpus_hf_proportion'] < 0.5 and m['n_modes_total'] == 64
+    assert m['corpus']['n_samples'] == 2 and m['corpus']['none_share'] == 0  # pieces start at a sentence
+    json.dumps(m)
+    assert 'high-frequency words' in metrics.summary(m)
+
+
+def write_run(path, seed, lam, hf, channels='both'):
+    os.makedirs(path)
+    config = dict(model='gpt', seed=seed, size='tiny', n_layer=1, n_embd=32, psu_lambda=lam, data='synthetic',
+                  psu_channels=channels)
+    m = dict(hf_proportion=hf, corpus_hf_proportion=0.277, predictive_entropy=2.0, n_modes=3)
+    json.dump(dict(config=config, stability={'verdict': 'stable'}, metrics=m), open(f'{path}/report.json', 'w'))
+    with open(f'{path}/log.jsonl', 'w') as f:
+        for i in range(30):
+            f.write(json.dumps(dict(iter=i, loss=5 - i / 10, entropy=6 - i / 8)) + '\n')
+        f.write(json.dumps(dict(iter=30, val_loss=2.5)) + '\n')
+
+
+def test_cli_table_on_run_folders(tmp_path, capsys):
+    real = str(tmp_path / 'real')
+    train.main(['--max_iters=8', '--eval_interval=4', '--log_interval=2', '--eval_iters=1', '--n_layer=1',
+                '--n_head=2', '--n_embd=16', '--batch_size=4', '--block_size=16', '--num_samples=8',
+                '--sample_tokens=16', '--device=cpu', '--dtype=float32', '--seed=2026', '--psu_lambda=0.2',
+                f'--out_dir={real}'])
+    report = json.load(open(f'{real}/report.json'))
+    assert 'metrics' in report and 'stability' in report
+    ours = report['metrics']['hf_proportion']
+    assert 'metrics: high-frequency words' in capsys.readouterr().out
+    write_run(str(tmp_path / 'a'), 2026, 0.0, 0.2345)
+    write_run(str(tmp_path / 'b'), 2027, 0.0, 0.3)
+    write_run(str(tmp_path / 'c'), 2026, 0.05, 0.5, channels='stats')
+    metrics.main([real, str(tmp_path / 'a'), str(tmp_path / 'b'), str(tmp_path / 'c')])
+    out = capsys.readouterr().out
+    assert f'{100 * ours:.1f}% / 100.0%' in out  # the real run: seed 2026, lambda 0.2
+    assert '23.4% / 26.7%' in out and '- / 61.2%' in out and '30.0% / 26.3%' in out
+    assert 'psu_channels=stats' in out and '50.0% / 61.2%' in out
+    assert 'Cross-seed' in out and 'stable' in out and '2.5000' in out
+
+
+def test_cli_fig3_and_hf_of_any_text(tmp_path, capsys):
+    write_run(str(tmp_path / 'a'), 2026, 0.0, 0.25)
+    png = str(tmp_path / 'f.png')
+    metrics.main(['--fig3', str(tmp_path / 'a'), f'--out={png}', '--bins=4'])
+    out = capsys.readouterr().out
+    try:
+        import matplotlib  # noqa: F401
+        assert os.path.getsize(png) > 0
+    except ImportError:
+        assert 'text table' in out and '30 steps' in out
+    (tmp_path / 'corpus.txt').write_text('the the the cat dog\n')
+    (tmp_path / 'text.txt').write_text('The cat.')
+    metrics.main([f'--corpus={tmp_path}/corpus.txt', f'--text={tmp_path}/text.txt'])
+    assert '50.00% of 2 words (corpus: 60.00%' in capsys.readouterr().out
+    for bad in (['--bogus'], [f'--corpus={tmp_path}/corpus.txt'], [], [str(tmp_path / 'missing')],
+                ['--fraction=2', f'--corpus={tmp_path}/corpus.txt', f'--text={tmp_path}/text.txt'],
+                [str(tmp_path)], ['--fig3', str(tmp_path / 'nowhere')]):
+        with pytest.raises(SystemExit) as e:
+            metrics.main(bad)
+        assert str(e.value).startswith('error:') and '\n' not in str(e.value)

@@ -1,0 +1,358 @@
+"""model.py: masking, the DMU and DTU units, BERT corruption, named sizes, GPT-2 weight loading,
+and the two samplers. Every model here is tiny; every random test is seeded."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import model as M
+from model import GPT, GPTConfig, MLP, CausalSelfAttention
+
+
+def tiny(**kw):
+    args = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
+    args.update(kw)
+    return GPTConfig(**args)
+
+
+# ---------------------------------------------------------------- causal masking
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_masking_gpt_causal_bert_bidirectional(causal):
+    """GPT: changing token 5 leaves the logits at positions 0..4 unchanged (to 1e-6) and moves
+    the ones from 5 on. BERT (causal=False): the same change moves the logits at position 0."""
+    torch.manual_seed(0)
+    m = GPT(tiny(causal=causal)).eval()
+    idx = torch.randint(50, (1, 10))
+    idx2 = idx.clone()
+    idx2[0, 5] = (idx[0, 5] + 1) % 50
+    with torch.no_grad():
+        a, _ = m(idx)
+        b, _ = m(idx2)
+    later = (a[:, 5:] - b[:, 5:]).abs().max().item()
+    earlier = (a[:, :5] - b[:, :5]).abs().max().item()
+    assert later > 1e-4
+    if causal:
+        assert earlier <= 1e-6
+    else:
+        assert earlier > 1e-4
+
+
+# ---------------------------------------------------------------- DMU
+
+def plain_mlp(mlp, x):
+    return mlp.c_proj(mlp.gelu(mlp.c_fc(x)))
+
+
+@pytest.mark.parametrize('mode', ['prob', 'fix', 'edge'])
+def test_dmu_p1_is_bit_identical_to_plain_mlp(mode):
+    torch.manual_seed(0)
+    mlp = MLP(tiny(dmu_p=1.0, dmu_mode=mode)).train()
+    x = torch.randn(3, 7, 32)
+    assert torch.equal(mlp(x), plain_mlp(mlp, x))
+    m = GPT(tiny(dmu_p=1.0, dmu_mode=mode)).train()  # and the whole model, train vs eval
+    idx = torch.randint(50, (2, 9))
+    assert torch.equal(m(idx)[0], m.eval()(idx)[0])
+
+
+def mc_mean(f, n):
+    outs = torch.stack([f() for _ in range(n)])
+    return outs.mean(0), outs.std(0) / math.sqrt(n)
+
+
+def assert_unbiased(mean, se, ref):
+    """Each coordinate's Monte-Carlo mean lies within 5 standard errors of the reference: for
+    the ~100 coordinates here a false alarm has probability ~1e-4 (and the seed is fixed);
+    a biased estimator (e.g. a missing or wrong 1/p rescale, ~2x or ~0.5x) is off by far more."""
+    z = ((mean - ref).abs() / (se + 1e-12)).max().item()
+    assert z < 5, f"max z-score {z:.2f}"
+    rel = ((mean - ref).norm() / ref.norm()).item()
+    assert rel < 5 * (se.norm() / ref.norm()).item() + 1e-6
+
+
+@pytest.mark.parametrize('mode', ['prob', 'fix'])
+def test_dmu_node_level_is_unbiased(mode):
+    """Lemma B.2 / eqs. 79, 83: node-level DProb and DFix leave the MLP output unchanged in
+    expectation (GELU comes before the mask, so this holds exactly, not only as n -> inf)."""
+    torch.manual_seed(1)
+    mlp = MLP(tiny(n_embd=16, dmu_p=0.5, dmu_mode=mode)).train()
+    with torch.no_grad():
+        x = torch.randn(6, 16)
+        ref = plain_mlp(mlp, x)
+        mean, se = mc_mean(lambda: mlp(x), 3000)
+    assert_unbiased(mean, se, ref)
+    # the mask is really random: two draws differ
+    with torch.no_grad():
+        assert not torch.equal(mlp(x), mlp(x))
+
+
+def test_dmu_prob_fix_edge_same_expectation_linear():
+    """Thm B.5 / Lemma B.4 is stated for linear MLPs: with the activation made the identity,
+    node-level Prob, node-level Fix and edge-level masks all have the unmasked output as their
+    expectation (edge-level: E[mask/p] = 1 per weight, and the two masks are independent).
+    With GELU the edge-level mask sits inside the nonlinearity and is only asymptotically
+    unbiased, which this small width cannot show; the node-level test above covers GELU."""
+    torch.manual_seed(2)
+    x = torch.randn(6, 16)
+    means = {}
+    for mode in ('prob', 'fix', 'edge'):
+        mlp = MLP(tiny(n_embd=16, dmu_p=0.5, dmu_mode=mode)).train()
+        if mode == 'prob':
+            state = mlp.state_dict()
+        mlp.load_state_dict(state)
+        mlp.gelu = torch.nn.Identity()
+        with torch.no_grad():
+            ref = plain_mlp(mlp, x)
+            mean, se = mc_mean(lambda: mlp(x), 3000)
+        assert_unbiased(mean, se, ref)
+        means[mode] = mean
+    # and so the three agree with each other (difference of two MC means: sqrt(2) x the error)
+    scale = ref.norm()
+    for a, b in (('prob', 'fix'), ('prob', 'edge'), ('fix', 'edge')):
+        assert (means[a] - means[b]).norm() / scale < 0.1
+
+
+@pytest.mark.parametrize('mode', ['prob', 'fix'])
+def test_dmu_half_retention_halves_mlp_flops(mode):
+    """Node-level DMU slices the kept units out of both matrices: at p=0.5, forward+backward
+    matmul flops are exactly half for 'fix' (floor(0.5*256)=128 units) and k/256 with
+    k ~ Binomial(256, 0.5) for 'prob' (within 5 sigma = +-0.16 of 0.5)."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, 64)
+
+    def flops(p):
+        mlp = MLP(tiny(n_embd=64, dmu_p=p, dmu_mode=mode)).train()
+        with FlopCounterMode(display=False) as fc:
+            mlp(x).sum().backward()
+        return fc.get_total_flops()
+
+    full, half = flops(1.0), flops(0.5)
+    assert full > 0
+    if mode == 'fix':
+        assert half / full == pytest.approx(0.5, abs=1e-9)
+    else:
+        assert 0.34 < half / full < 0.66
+
+
+# ---------------------------------------------------------------- DTU
+
+def reference_attention(attn, x, q_k_override=None):
+    """Plain softmax attention written out, with c_attn / c_proj from the module."""
+    B, T, C = x.shape
+    nh = attn.n_head
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in (q, k, v))
+    if q_k_override is not None:
+        q, k = q_k_override
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    if attn.causal:
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float('-inf'))
+    y = F.softmax(att, dim=-1) @ v
+    return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_dtu_r1_equals_plain_attention(causal):
+    """r=1 in train mode is bit-identical to the eval path (which never uses DTU) and equals
+    the written-out softmax attention to float32 rounding (1e-5)."""
+    torch.manual_seed(4)
+    attn = CausalSelfAttention(tiny(dtu_r=1.0, causal=causal)).train()
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        y_train = attn(x)
+        y_eval = attn.eval()(x)
+        ref = reference_attention(attn, x)
+    assert torch.equal(y_train, y_eval)
+    assert torch.allclose(y_train, ref, atol=1e-5, rtol=0)
+
+
+def test_dtu_keeps_round_r_hs_dims_and_uses_them(monkeypatch):
+    """r<1: q and k keep round(r*hs) of each head's dims (the same dims for q and k, distinct
+    original columns), and attention is computed from exactly those with scale 1/sqrt(kept)."""
+    torch.manual_seed(5)
+    B, nh, T, hs = 3, 2, 5, 8
+    q = torch.arange(1, hs + 1, dtype=torch.float32).expand(B, nh, T, hs).clone()
+    k = 10 * q
+    for r, kept in ((0.5, 4), (0.3, 2), (0.9, 7), (0.01, 1)):
+        qs, ks = M.dtu_select(q, k, r)
+        assert qs.shape == (B, nh, T, kept) and ks.shape == (B, nh, T, kept)
+        assert torch.equal(ks, 10 * qs)  # the same dims for q and k
+        cols = qs[:, :, 0, :]  # column j of q holds the constant j+1: recover the indices
+        assert torch.equal(qs, cols.unsqueeze(2).expand_as(qs))
+        for row in cols.reshape(-1, kept).tolist():
+            assert len(set(row)) == kept  # without replacement
+
+    # the attention output is built from the selected dims, scaled by 1/sqrt(kept)
+    attn = CausalSelfAttention(tiny(dtu_r=0.5)).train()
+    seen = {}
+    real = M.dtu_select
+
+    def spy(q, k, r):
+        seen['qk'] = real(q, k, r)
+        return seen['qk']
+
+    monkeypatch.setattr(M, 'dtu_select', spy)
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        y = attn(x)
+        ref = reference_attention(attn, x, q_k_override=seen['qk'])
+    assert seen['qk'][0].size(-1) == 8  # hs = 16, r = 0.5
+    assert torch.allclose(y, ref, atol=1e-5, rtol=0)
+
+
+def test_dtu_samples_proportional_to_score():
+    """Scores of dims 0..3 are made proportional to (0, 1, 2, 3): with kept=1 (r=0.25, hs=4)
+    dim 0 is never drawn and dims 1..3 are drawn with frequency 1/6, 2/6, 3/6, each within
+    5 binomial standard deviations over 6000 independent draws (sd <= 0.0065)."""
+    torch.manual_seed(6)
+    n, T = 6000, 2
+    col = torch.tensor([0.0, 1.0, 2.0, 3.0]).sqrt()
+    q = col.expand(n, 1, T, 4).clone()  # ||Q[:, i]|| * ||K[:, i]|| = T * col_i^2
+    qs, _ = M.dtu_select(q, q.clone(), 0.25)
+    picked = qs[:, 0, 0, 0]
+    freq = torch.stack([(picked == c).float().mean() for c in col])
+    assert freq[0].item() == 0.0
+    expected = torch.tensor([0, 1, 2, 3]) / 6
+    sd = (expected * (1 - expected) / n).sqrt()
+    assert ((freq - expected).abs() <= 5 * sd + 1e-9).all(), freq
+    # a zero-score dim is never picked even when most dims are kept (3 of 4)
+    qs, _ = M.dtu_select(q[:500], q[:500].clone(), 0.75)
+    assert not (qs == 0).any()
+
+
+# ---------------------------------------------------------------- BERT corruption
+
+def test_bert_mask_proportions():
+    """15% of positions chosen; of those 80% -> [MASK], 10% -> random, 10% unchanged (a random
+    token equals the original with probability 1/V, V=1000). Each proportion within 5 binomial
+    standard deviations. Unchosen positions keep their token and have target -1."""
+    g = torch.Generator().manual_seed(7)
+    V, mask_id = 1000, 1000
+    idx = torch.randint(V, (200, 1000), generator=g)
+    inputs, targets = M.mask_tokens(idx, mask_id, V, generator=g)
+    n = idx.numel()
+    chosen = targets != -1
+    nc = chosen.sum().item()
+
+    def close(count, total, p):
+        assert abs(count / total - p) <= 5 * math.sqrt(p * (1 - p) / total), (count / total, p)
+
+    close(nc, n, 0.15)
+    assert torch.equal(targets[chosen], idx[chosen])
+    assert torch.equal(inputs[~chosen], idx[~chosen])
+    masked = (inputs == mask_id) & chosen
+    same = (inputs == idx) & chosen
+    other = chosen & ~masked & ~same
+    close(masked.sum().item(), nc, 0.8)
+    close(same.sum().item(), nc, 0.1 + 0.1 / V)
+    close(other.sum().item(), nc, 0.1 * (1 - 1 / V))
+    assert (inputs[other] < V).all()  # random tokens are real tokens, never [MASK]
+    assert not (inputs[~chosen] == mask_id).any()
+
+
+# ---------------------------------------------------------------- named sizes
+
+@pytest.mark.parametrize('size,target', [('gpt2', 124e6), ('gpt2-1b', 1e9), ('gpt2-2b', 2e9),
+                                         ('gpt2-3b', 3e9), ('bert-1b', 1e9)])
+def test_named_size_parameter_counts(size, target):
+    """Within 10% of the name, counted on the meta device (GPT-2 vocabulary and context)."""
+    vocab = 50257 + size.startswith('bert')
+    config = M.config_for(size, vocab, 1024)
+    assert config.causal == (not size.startswith('bert'))
+    n = M.count_params(config)
+    assert abs(n - target) / target < 0.10, f"{size}: {n / 1e6:.1f}M"
+
+
+def test_count_params_does_not_allocate():
+    with torch.device('meta'):
+        m = GPT(M.config_for('gpt2-3b', 50257, 1024))
+    assert all(p.is_meta for p in m.parameters())
+    assert M.count_params(M.config_for('tiny', 50, 16)) == GPT(M.config_for('tiny', 50, 16)).get_num_params()
+
+
+# ---------------------------------------------------------------- GPT-2 weights
+
+CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+
+
+def hf_state_dict(src, lm_head):
+    """A nanoGPT model's weights in Hugging Face layout: Conv1D (in, out) matrices, attn.bias
+    and attn.masked_bias buffers; GPT2Model keys (no 'transformer.') or GPT2LMHeadModel keys."""
+    T = src.config.block_size
+    sd = {}
+    for k, v in src.state_dict().items():
+        if k == 'lm_head.weight':
+            continue
+        v = v.t().contiguous() if k.endswith(CONV1D) else v.clone()
+        sd[k if lm_head else k.removeprefix('transformer.')] = v
+    for i in range(src.config.n_layer):
+        pre = 'transformer.' if lm_head else ''
+        sd[f'{pre}h.{i}.attn.bias'] = torch.tril(torch.ones(T, T)).view(1, 1, T, T)
+        sd[f'{pre}h.{i}.attn.masked_bias'] = torch.tensor(-1e4)
+    if lm_head:
+        sd['lm_head.weight'] = src.lm_head.weight.detach().clone()
+    return sd
+
+
+@pytest.mark.parametrize('lm_head', [False, True])
+def test_load_gpt2_hf_layout_gives_identical_logits(lm_head):
+    torch.manual_seed(8)
+    cfg = GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=128)
+    src = GPT(cfg).eval()
+    with torch.no_grad():  # non-trivial LayerNorm parameters and biases
+        for name, p in src.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    config, sd = M.load_gpt2_state_dict(hf_state_dict(src, lm_head))
+    assert (config.n_layer, config.n_head, config.n_embd, config.vocab_size, config.block_size) == (2, 2, 128, 97, 16)
+    dst = GPT(config)
+    M.load_model_state(dst, sd, 'hf')
+    dst.eval()
+    idx = torch.randint(97, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(dst(idx)[0], src(idx)[0])
+    # a nanoGPT checkpoint dict ({'model': ...}) loads too
+    config2, sd2 = M.load_gpt2_state_dict({'model': src.state_dict()})
+    dst2 = GPT(config2)
+    M.load_model_state(dst2, sd2, 'nanogpt')
+    with torch.no_grad():
+        assert torch.equal(dst2.eval()(idx)[0], src(idx)[0])
+
+
+def test_load_gpt2_rejects_non_weights():
+    with pytest.raises(SystemExit, match='no GPT-2 weights'):
+        M.load_gpt2_state_dict({'foo': torch.zeros(2)})
+
+
+# ---------------------------------------------------------------- samplers
+
+def test_generate_shapes_and_stop_token():
+    torch.manual_seed(9)
+    m = GPT(tiny()).eval()
+    idx = torch.randint(50, (3, 4))
+    out = m.generate(idx, 20, temperature=0.9, top_k=5)  # 24 > block_size 16: the window crops
+    assert out.shape == (3, 24) and out.dtype == torch.long
+    assert torch.equal(out[:, :4], idx) and (out >= 0).all() and (out < 50).all()
+    out = m.generate(idx, 12, stop_token=7, temperature=5.0)
+    for row in out[:, 4:].tolist():
+        if 7 in row:
+            assert all(t == 7 for t in row[row.index(7):])
+
+
+def test_generate_masked_fills_every_mask():
+    torch.manual_seed(10)
+    V = 51
+    m = GPT(tiny(vocab_size=V, causal=False)).eval()
+    mask_id = V - 1
+    idx = torch.randint(mask_id, (4, 12))
+    holes = torch.rand(4, 12) < 0.5
+    holes[0] = True  # one all-[MASK] row, as sample.py uses
+    idx[holes] = mask_id
+    for steps in (1, 3, 10, 20):
+        out = m.generate_masked(idx, mask_id, steps=steps, top_k=10)
+        assert out.shape == idx.shape
+        assert not (out == mask_id).any()
+        assert torch.equal(out[~holes], idx[~holes])
+    assert (idx == mask_id).sum() == holes.sum()  # the input is not modified
