@@ -8,7 +8,7 @@ Speed of the paper's units, as ratios that hold on any machine, all from one run
 Each row steps two training setups alternately (A, B, A, B, ...) so that a busy machine slows both
 alike, and divides the median step time of B by A's. A step is what train.py's loop does per
 iteration: batch -> forward (+ PSU's feedback loss) -> backward -> (BAARA's act) -> clip -> AdamW
--> (PSU's pull, BAARA's finish). The loop body is mirrored here, not imported (train.py's loop is
+-> (BAARA's finish) -> (PSU's pull). The loop body is mirrored here, not imported (train.py's loop is
 one function, and the logged-step extras every log_interval are left out). Setups with periodic
 work (BAARA's reference gradient every REF_EVERY steps) are timed over whole periods.
 On a GPU it adds torch.compile against eager, tokens/s and MFU at GPT-2 size (124M, bf16).
@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 import train
+from baara import BAARA, REF_EVERY
 from configurator import parse_flags
 from data import load_data
+from metrics import high_frequency_set, text_metrics
 from model import GPT, MLP, GPTConfig, peak_flops
 from stabilize import PSU
 
@@ -34,17 +36,6 @@ BENCH = dict(steps=9, warmup=2, seed=1337, metrics_words=1_000_000,
              threads=0,  # torch CPU threads; 0 = torch's default. On a shared machine 1 gives steadier ratios
              device='cuda' if torch.cuda.is_available() else 'cpu',
              dtype='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32')
-
-
-def baara_class():
-    """BAARA as train.py runs it, or the reason it cannot be benchmarked yet."""
-    if 'baara' not in train.DEFAULTS:
-        return None, "n/a: train.py has no 'baara' key yet"
-    try:
-        from baara import BAARA
-    except ImportError as e:
-        return None, f'n/a: {e}'
-    return BAARA, None
 
 
 class Setup:
@@ -67,12 +58,10 @@ class Setup:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.psu = PSU(self.model.parameters(), c['psu_lambda'], c['psu_beta'], c['psu_channels'], self.tok.eot)
         self.baara, self.period = None, 1
-        if c.get('baara'):
-            BAARA, _ = baara_class()
+        if c['baara']:
             reference = lambda g: train.batch(self.ids, c, self.tok, g, self.device)
-            kwargs = {'cost': c['baara_cost']} if 'baara_cost' in c else {}
-            self.baara = BAARA(self.model, self.ids, c['seed'], reference, **kwargs)
-            self.period = sys.modules[BAARA.__module__].REF_EVERY
+            self.baara = BAARA(self.model, self.ids, c['seed'], reference, c['baara_cost'])
+            self.period = REF_EVERY
         self.forward = torch.compile(self.model) if c['compile'] else self.model
         self.gen = torch.Generator().manual_seed(b['seed'])
         self.tokens = c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
@@ -95,11 +84,11 @@ class Setup:
             self.baara.act(self.optimizer, c['learning_rate'])
         torch.nn.utils.clip_grad_norm_(self.params, c['grad_clip'])
         self.optimizer.step()
+        if self.baara:
+            self.baara.finish()
         self.optimizer.zero_grad(set_to_none=True)
         if self.psu.params_on:
             self.psu.pull()
-        if self.baara:
-            self.baara.finish()
 
 
 class MLPSetup:
@@ -160,10 +149,6 @@ def machine(b):
 def metrics_time(corpus, corpus_text, n_words):
     """Seconds of metrics.text_metrics (every text metric, modes included) on n_words generated-like
     words: samples of 16 sentences drawn from the synthetic corpus."""
-    try:
-        from metrics import high_frequency_set, text_metrics
-    except ImportError as e:
-        return f'n/a: {e}'
     sentences = []
     while sum(len(s.split()) for s in sentences) < n_words:
         sentences += corpus.text(n_words // 4, seed=len(sentences) + 1).split('\n')
@@ -178,6 +163,29 @@ def metrics_time(corpus, corpus_text, n_words):
     out = text_metrics(texts, hf, corpus)
     dt = time.perf_counter() - t0
     return f"{dt:.2f} s for {out['n_words'] / 1e6:.2f}M words in {len(texts):,} samples ({out['n_words'] / dt / 1e3:,.0f}k words/s)"
+
+
+GPT2 = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=8, dropout=0.0)
+
+
+def gpu_rows(b, pair, size=GPT2, label='GPT-2 124M', vocab=50304):
+    """compile against eager, tokens/s and MFU, and the units at GPT-2 size (where they save real
+    work on a GPU; the tiny model is launch-bound there). Random tokens: timing ignores the data."""
+    ids = np.random.default_rng(0).integers(vocab - 47, size=2_000_000).astype(np.int32)
+    data = (ids, SimpleNamespace(vocab_size=vocab, eot=None))
+    what = f"{label} ({size['batch_size']}x{size['block_size']} tokens)"
+    eager, comp = Setup(data, b, **size), Setup(data, b, compile=True, **size)
+    t_eager, t_comp = pair(f'compile / eager, {what}', eager, comp)
+    peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    parts = []
+    for name, s, t in (('eager', eager, t_eager), ('compiled', comp, t_comp)):
+        rate = s.tokens / t
+        mfu = f', MFU {s.model.estimate_mfu(rate, peak):.1%}' if peak else ' (no peak FLOPs known for this GPU)'
+        parts.append(f'{name} {rate:,.0f} tok/s{mfu}')
+    pair(f'DMU p=0.5 / p=1, {what}', eager, Setup(data, b, dmu_p=0.5, **size))
+    pair(f'DTU r=0.5 / r=1, {what}', eager, Setup(data, b, dtu_r=0.5, **size))
+    pair(f'PSU lambda=0.2 both / off, {what}', eager, Setup(data, b, psu_lambda=0.2, **size), 1.05)
+    return f"{label}, {b['dtype']}: " + '; '.join(parts)
 
 
 def main(argv):
@@ -198,30 +206,17 @@ def main(argv):
         return ta, tb
 
     print(f"timing: median of {b['steps']} steps after {b['warmup']} warm-up, each pair stepped alternately")
-    pair('DMU p=0.5 / p=1, GPT-2 MLP alone (768->3072, 2048 tok)', MLPSetup(b, 1.0), MLPSetup(b, 0.5), 0.65)
+    n = 16384 if b['device'].startswith('cuda') else 2048  # tokens per step
+    pair(f'DMU p=0.5 / p=1, GPT-2 MLP alone (768->3072, {n} tok)', MLPSetup(b, 1.0, tokens=n),
+         MLPSetup(b, 0.5, tokens=n), 0.65)
     pair(f'DMU p=0.5 / p=1, {tiny}', Setup(data, b), Setup(data, b, dmu_p=0.5))
     pair(f'DTU r=0.5 / r=1, {tiny}', Setup(data, b), Setup(data, b, dtu_r=0.5))
     off, _ = pair(f'PSU lambda=0.2 both / off, {tiny}', Setup(data, b),
                   Setup(data, b, psu_lambda=0.2, psu_channels='both'), 1.05)
-    BAARA, why = baara_class()
-    if BAARA is None:
-        rows.append((f'BAARA on / off, {tiny}', None, None, why, None))
-    else:
-        pair(f'BAARA on / off, {tiny}', Setup(data, b), Setup(data, b, baara=True))
+    pair(f'BAARA on / off, {tiny}', Setup(data, b), Setup(data, b, baara=True), 1.10)
     tok_s = f"{d['batch_size'] * d['block_size'] / off:,.0f} tok/s (tiny model, {b['device']}; no MFU without a GPU peak)"
     if b['device'].startswith('cuda'):
-        ids2 = np.random.default_rng(0).integers(50257, size=2_000_000).astype(np.int32)
-        gpt2 = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=8, dropout=0.0)
-        fake = SimpleNamespace(vocab_size=50304, eot=None)
-        eager, comp = Setup((ids2, fake), b, **gpt2), Setup((ids2, fake), b, compile=True, **gpt2)
-        t_eager, t_comp = pair('compile / eager, GPT-2 124M (8x1024 tokens)', eager, comp)
-        peak = peak_flops(torch.cuda.get_device_name())
-        parts = []
-        for name, s, t in (('eager', eager, t_eager), ('compiled', comp, t_comp)):
-            rate = s.tokens / t
-            mfu = f', MFU {s.model.estimate_mfu(rate, peak):.1%}' if peak else ' (no peak FLOPs known for this GPU)'
-            parts.append(f'{name} {rate:,.0f} tok/s{mfu}')
-        tok_s = 'GPT-2 124M, bf16: ' + '; '.join(parts)
+        tok_s = gpu_rows(b, pair)
     else:
         rows.append(('compile / eager', None, None, 'n/a: no GPU (compile is benchmarked on GPU only)', None))
     rows.append(('tokens/s, MFU', None, None, tok_s, None))

@@ -12,7 +12,6 @@ template: its exact probability, the corpus's entropy rate and its set of modes 
 """
 import hashlib
 import importlib.util
-import json
 import math
 import os
 

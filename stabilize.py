@@ -50,10 +50,10 @@ class PSU:
         the positions that have a target (all for GPT; the masked ones for BERT)."""
         logits = logits.float()
         log_z = torch.logsumexp(logits, dim=-1)
-        log_p = logits - log_z.unsqueeze(-1)
-        stats = [-(log_p.exp() * log_p).sum(-1), log_z]
+        p = torch.softmax(logits, dim=-1)
+        stats = [log_z - torch.linalg.vecdot(p, logits), log_z]  # H = log Z - E_p[z]
         if self.eot is not None:
-            stats.append(log_p[..., self.eot].exp())
+            stats.append(p[..., self.eot])
         weight = (targets != -1).float()
         return torch.stack([(s * weight).sum() for s in stats]) / weight.sum().clamp_min(1)
 
@@ -90,9 +90,13 @@ class PSU:
             out['psu_pull_norm'] = self.last['pull_norm'].item()
         return out
 
-    def state_dict(self):
-        """Under FSDP a collective (the EMA is gathered whole): every rank must call it."""
-        ema = None if self.ema is None else [full_tensor(e) for e in self.ema]
+    def state_dict(self, keep=True):
+        """The EMA whole, on the CPU. Under FSDP a collective (gathered one tensor at a time): every
+        rank must call it, and ranks that do not save pass keep=False to drop each one at once."""
+        ema = None if self.ema is None else []
+        for e in self.ema or []:
+            whole = full_tensor(e)
+            ema.append(whole.cpu() if keep else None)
         return {'ref': self.ref, 'var': self.var, 'ema': ema}
 
     def load_state_dict(self, state):

@@ -4,6 +4,7 @@ Train a GPT-2 or BERT, optionally stabilised by PSU, on the embedded synthetic c
     python train.py                                  # tiny GPT-2, synthetic corpus, CPU, ~3 minutes
     python train.py config/table62.py --psu_lambda=0.2 --seed=2026
     torchrun --standalone --nproc_per_node=2 train.py --device=cpu
+    torchrun --standalone --nproc_per_node=8 train.py --size=gpt2-1b --fsdp=True   # sharded, bf16 on GPUs
 
 Every key below can be set by a config file or --key=value (configurator.py). Keys share
 nanoGPT's names where nanoGPT has the same knob.
@@ -16,7 +17,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
-import numpy as np
 import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
@@ -230,7 +230,7 @@ def main(argv):
             gathered = [None] * world
             torch.distributed.all_gather_object(gathered, states)
         rngs = [g[0] for g in gathered], [g[1] for g in gathered]
-        psu_state = dict(psu.state_dict(), ranks=[g[2] for g in gathered])  # a collective under FSDP
+        psu_state = dict(psu.state_dict(keep=master), ranks=[g[2] for g in gathered])  # a collective under FSDP
         if fsdp:  # gathered whole onto rank 0's CPU: the same single-file checkpoint as without FSDP
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             model_state = get_model_state_dict(raw_model, options=opts)

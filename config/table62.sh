@@ -11,8 +11,7 @@ text=../shared/data/tinyshakespeare.txt
 if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then text=$1; shift; fi
 scale=(config/table62.py) text_tok=--tokenizer=char out=out-table62
 if [ "${1:-}" = --gpu ]; then scale+=(config/table62_gpu.py) text_tok=--tokenizer=gpt2-compact out=out-table62-gpu; shift; fi
-datasets=(synthetic)
-[ -f "$text" ] && datasets+=("$text") || echo "no text file at $text: synthetic corpus only"
+[ -f "$text" ] || echo "no text file at $text: synthetic corpus only"
 
 run() {  # run NAME flags...: skip runs that already finished, so the sweep can be resumed
   local dir=$out/$1; shift
@@ -20,17 +19,18 @@ run() {  # run NAME flags...: skip runs that already finished, so the sweep can 
   python train.py "${scale[@]}" --out_dir="$dir" "$@" "${extra[@]}"
 }
 extra=("$@")
-for data in "${datasets[@]}"; do
-  name=synthetic flags=(--data=synthetic)
-  [ "$data" != synthetic ] && name=$(basename "${data%.*}") flags=(--data="$data" "$text_tok")
+table() {  # table NAME flags...: GPT at three seeds and BERT at seed 2026, each lambda
+  local name=$1; shift
   for lam in 0.0 0.05 0.2; do
     for seed in 2025 2026 2027; do
-      run "$name/gpt-s$seed-l$lam" "${flags[@]}" --model=gpt --seed=$seed --psu_lambda=$lam
+      run "$name/gpt-s$seed-l$lam" "$@" --model=gpt --seed=$seed --psu_lambda=$lam
     done
-    run "$name/bert-s2026-l$lam" "${flags[@]}" --model=bert --seed=2026 --psu_lambda=$lam
+    run "$name/bert-s2026-l$lam" "$@" --model=bert --seed=2026 --psu_lambda=$lam
   done
-done
+}
+table synthetic --data=synthetic
 for channels in stats params; do
   run "synthetic/gpt-s2026-l0.2-$channels" --data=synthetic --model=gpt --seed=2026 --psu_lambda=0.2 --psu_channels=$channels
 done
+[ -f "$text" ] && table "$(basename "${text%.*}")" --data="$text" "$text_tok"
 python metrics.py "$out"/*/*

@@ -1,0 +1,168 @@
+"""BAARA (baara.py): Theorem B.1 shown (with a state-blind control), eqs. 65-69 on hand-built
+cases, inactive blocks frozen under AdamW, baara=False untouched, resume exactness."""
+import json
+import math
+
+import pytest
+import torch
+
+import baara as B
+import train
+from baara import BAARA, confidence, flop_ratio
+from model import GPT, GPTConfig
+
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8',
+        '--eval_interval=10', '--eval_iters=2', '--num_samples=2', '--sample_tokens=8',
+        '--log_interval=1', '--warmup_iters=5', '--device=cpu']
+SEEDS = (2025, 2026, 2027)
+
+
+def run(tmp_path, name, *flags, iters=20):
+    out = tmp_path / name
+    train.main(TINY + [f'--out_dir={out}', f'--max_iters={iters}', f'--lr_decay_iters={iters}', *flags])
+    return [json.loads(line) for line in open(out / 'log.jsonl')]
+
+
+def steps(rows):
+    return [{k: v for k, v in r.items() if k not in ('tok_per_s', 'eta_s')} for r in rows if 'loss' in r]
+
+
+# ---- Theorem B.1: noisy batches (random targets) end up with a smaller alpha
+
+@pytest.fixture(scope='module')
+def gaps():
+    return {blind: [B.theorem_b1(seed, blind=blind) for seed in SEEDS] for blind in (False, True)}
+
+
+def test_theorem_b1_noisy_batches_get_a_smaller_alpha(gaps):
+    for clean, noisy in gaps[False]:
+        assert clean - noisy > 0.25, gaps[False]
+    assert sum(c - n for c, n in gaps[False]) / len(SEEDS) > 0.5, gaps[False]
+
+
+def test_state_blind_policy_shows_no_gap(gaps):
+    """The control: with its state zeroed the policy cannot tell the batches apart, so the
+    assertion above would fail for it."""
+    for clean, noisy in gaps[True]:
+        assert abs(clean - noisy) < 0.1, gaps[True]
+
+
+# ---- the pieces of eqs. 63-69 on hand-built inputs
+
+def tiny_model(**units):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=4, n_head=2, n_embd=16, block_size=8, vocab_size=11, **units))
+
+
+def fixed_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(11, (4, 8), generator=g), torch.randint(11, (4, 8), generator=g)
+
+
+def test_confidence_reward_and_cost():
+    assert confidence(math.log(11), 11) == pytest.approx(0.0)          # uniform prediction: c = 0
+    assert confidence(0.0, 11) == 1.0                                   # certain prediction: c = 1
+    model = tiny_model()
+    baara = BAARA(model, list(range(11)), 0, lambda g: fixed_batch())
+    y = torch.randint(11, (2, 8))
+    for logits, c in ((torch.zeros(2, 8, 11), 0.0), (torch.full((2, 8, 11), -30.0).scatter(-1, y[..., None], 30.0), 1.0)):
+        baara.start()
+        baara.observe(logits, y, torch.tensor(1.0))
+        entropy = (baara.micro / baara.n_micro)[1].item()
+        assert 0 <= confidence(entropy, 11) <= 1 and confidence(entropy, 11) == pytest.approx(c, abs=1e-6)
+    baara.values, baara.last = [1.0, 2.0, 3.0], {'confidence': 0.5}
+    assert baara.reward(6.0) == pytest.approx((1 + 2 + 3 + 6) / 4 * 0.5)  # eqs. 66, 68
+    baara.values = list(range(100))
+    assert baara.reward(0.0) == pytest.approx(sum(range(100 - B.WINDOW + 1, 100)) / B.WINDOW * 0.5)
+    config = tiny_model(dmu_p=0.5, dtu_r=0.5).config
+    assert flop_ratio(config, 1.0, 1.0) == 1.0 and flop_ratio(config, 0.5, 0.5) < flop_ratio(config, 0.5, 1.0) < 1
+
+
+def test_reinforce_raises_the_probability_of_a_rewarded_action():
+    baara = BAARA(tiny_model(), list(range(11)), 0, lambda g: fixed_batch())
+    s = torch.randn(len(B.FEATURES), dtype=torch.float64)
+    before = baara.probs('alpha', s)[3].item()
+    baara.rewards.count, baara.rewards.var = 10, torch.ones(1, dtype=torch.float64)  # baseline 0, std 1
+    baara.last, baara.step, baara.decisions = {'confidence': 1.0}, 1, {0: [('alpha', s, 3)]}
+    baara.learn(1.0)
+    assert baara.probs('alpha', s)[3].item() > before
+
+
+@pytest.mark.parametrize('scope', ['all', 'top'])
+def test_value_is_the_first_order_decrease_of_a_projected_step(scope):
+    """SGD, the reference batch = the training batch: eq. 69 moves theta by -alpha eta P_S(g), so
+    eq. 65 gives v = alpha eta |P_S(g)|^2 (C_b = 1 with the units off)."""
+    model, (x, y) = tiny_model(), fixed_batch()
+    baara = BAARA(model, list(range(11)), 0, lambda g: (x, y), cost='flops')
+    baara.heads['scope'][:, -1] = torch.tensor([50.0, 0.0] if scope == 'all' else [0.0, 50.0])  # force the scope
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    baara.start()
+    logits, loss = model(x, y)
+    baara.observe(logits, y, loss)
+    loss.backward()
+    full = [p.grad.clone() for p in baara.params]
+    baara.act(optimizer, 0.01)
+    assert baara.last['scope'] == scope and baara.last['C'] == 1.0
+    active = [g for g, p in zip(full, baara.params) if p.grad is not None]
+    assert len(active) < len(full) if scope == 'top' else len(active) == len(full)
+    optimizer.step()
+    baara.finish()
+    expected = baara.last['alpha'] * 0.01 * sum((g.double() ** 2).sum() for g in active)
+    assert baara.pending.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_inactive_blocks_do_not_move_under_adamw():
+    """Momentum and weight decay would move a block whose gradient were merely zeroed."""
+    model, (x, y) = tiny_model(), fixed_batch()
+    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.99), 'cpu')
+    baara = BAARA(model, list(range(11)), 0, lambda g: (x, y), cost='flops')
+    for force in ('all', 'all', 'top', 'top'):
+        baara.heads['scope'][:, -1] = torch.tensor([50.0, 0.0] if force == 'all' else [0.0, 50.0])
+        lower = [p.detach().clone() for b in model.transformer.h[:2] for p in b.parameters()]
+        upper = [p.detach().clone() for b in model.transformer.h[2:] for p in b.parameters()]
+        moments = [optimizer.state[p]['exp_avg'].clone() for b in model.transformer.h[:2] for p in b.parameters()
+                   if p in optimizer.state]
+        baara.start()
+        logits, loss = model(x, y)
+        baara.observe(logits, y, loss)
+        loss.backward()
+        baara.act(optimizer, 1e-2)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        baara.finish()
+        moved = lambda old, blocks: any(not torch.equal(o, p) for o, p in zip(old, (p for b in blocks for p in b.parameters())))
+        assert moved(upper, model.transformer.h[2:])
+        assert moved(lower, model.transformer.h[:2]) == (force == 'all')
+        if force == 'top':
+            now = [optimizer.state[p]['exp_avg'] for b in model.transformer.h[:2] for p in b.parameters()]
+            assert all(torch.equal(a, b) for a, b in zip(moments, now))
+
+
+# ---- train.py integration
+
+def test_baara_false_never_builds_baara_and_is_the_plain_run(tmp_path, monkeypatch):
+    plain = steps(run(tmp_path, 'plain'))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError('BAARA was built with baara=False')
+    monkeypatch.setattr(train, 'BAARA', forbidden)
+    off = steps(run(tmp_path, 'off', '--baara=False', '--baara_cost=flops'))
+    assert off == plain and not any(k.startswith('baara') for r in off for k in r)
+
+
+def test_resume_with_baara_reproduces_the_run(tmp_path):
+    flags = ('--baara=True', '--baara_cost=flops', '--dmu_p=0.5', '--dtu_r=0.5')
+    whole = steps(run(tmp_path, 'whole', *flags))
+    run(tmp_path, 'half', *flags, '--max_iters=10', '--lr_decay_iters=20')  # stopped halfway
+    train.main([f'--out_dir={tmp_path / "half"}', '--init_from=resume', '--max_iters=20'])
+    resumed = steps(json.loads(line) for line in open(tmp_path / 'half' / 'log.jsonl'))
+    assert resumed == whole
+    keys = ('baara_alpha', 'baara_scope', 'baara_dmu_p', 'baara_dtu_r', 'baara_C', 'baara_value', 'baara_reward')
+    assert all(k in r for r in whole for k in keys)
+    assert {r['baara_dmu_p'] for r in whole} <= {0.5, 1.0} and all(r['baara_C'] > 0 for r in whole)
+
+
+def test_measured_cost_runs(tmp_path):
+    rows = steps(run(tmp_path, 'timed', '--baara=True', '--dmu_p=0.25', iters=12))
+    assert all(math.isfinite(r['baara_C']) and r['baara_C'] > 0 for r in rows)
+    assert all(r['baara_C'] == 1.0 for r in rows if r['baara_dmu_p'] == 1.0)
