@@ -72,11 +72,13 @@ class PSU:
         return loss
 
     @torch.no_grad()
-    def pull(self):
-        """The parameter channel: move theta_bar toward theta, then theta toward theta_bar."""
+    def pull(self, measure=False):
+        """The parameter channel: move theta_bar toward theta, then theta toward theta_bar.
+        measure=True (logged steps) also keeps the pull's norm lambda * ||theta_bar - theta||."""
         torch._foreach_lerp_(self.ema, self.params, 1 - self.beta)
         gap = torch._foreach_sub(self.ema, self.params)
-        self.last['pull_norm'] = self.lam * global_norm(gap)
+        if measure:
+            self.last['pull_norm'] = self.lam * global_norm(gap)
         torch._foreach_add_(self.params, gap, alpha=self.lam)
 
     def log(self):

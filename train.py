@@ -313,7 +313,7 @@ def main(argv):
             baara.finish()  # v_b (eq. 65), read at the next act()
         optimizer.zero_grad(set_to_none=True)
         if psu.params_on:
-            psu.pull()
+            psu.pull(measure=logging)
         nonfinite |= ~torch.isfinite(loss.detach())
         steps_timed += 1
 
@@ -344,6 +344,7 @@ def main(argv):
         log_file.close()
         finish(raw_model, tok, corpus, corpus_text, val_ids, diagnostics, c, device, ctx)
     if ddp:
+        torch.distributed.barrier()  # the other ranks wait for rank 0's report: exiting early can hang gloo
         destroy_process_group()
 
 
