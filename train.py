@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from baara import BAARA
 from configurator import parse_flags
 from data import get_batch, load_data, tokenizer_from_state
+from metrics import evaluate, summary
 from model import GPT, GPTConfig, SIZES, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_tokens, peak_flops
 from sample import sample_texts
 from stabilize import PSU, Diagnostics, full_tensor, param_norm, update_norm
@@ -103,7 +104,7 @@ def batch(ids, c, tok, generator, device):
     """A training or eval batch: next-token pairs for GPT, masked-LM pairs for BERT."""
     x, y = get_batch(ids, c['batch_size'], c['block_size'], generator, device)
     if c['model'] == 'bert':
-        x, y = mask_tokens(x, tok.vocab_size, tok.vocab_size, generator=None)
+        x, y = mask_tokens(x, tok.vocab_size, tok.vocab_size)
     return x, y
 
 
@@ -210,6 +211,8 @@ def main(argv):
         iter_num = ckpt['iter_num']
         gen.set_state(ckpt['rng']['data'][rank])
         torch.set_rng_state(ckpt['rng']['torch'][rank])
+        if device_type == 'cuda' and ckpt['rng'].get('cuda', [None] * world)[rank] is not None:
+            torch.cuda.set_rng_state(ckpt['rng']['cuda'][rank], device)
     raw_model = model
     if c['compile']:
         model = torch.compile(model)
@@ -224,12 +227,13 @@ def main(argv):
     log_file = open(os.path.join(c['out_dir'], 'log.jsonl'), 'a' if resuming else 'w') if master else None
 
     def save_checkpoint():
-        states = (gen.get_state(), torch.get_rng_state(), [None if t is None else t.cpu() for t in (psu.ref, psu.var)])
+        states = (gen.get_state(), torch.get_rng_state(), [None if t is None else t.cpu() for t in (psu.ref, psu.var)],
+                  torch.cuda.get_rng_state(device) if device_type == 'cuda' else None)  # DMU/DTU draw on the GPU
         gathered = [states]
         if ddp:  # every rank's RNG and PSU reference, so that a resumed run draws what the uninterrupted run drew
             gathered = [None] * world
             torch.distributed.all_gather_object(gathered, states)
-        rngs = [g[0] for g in gathered], [g[1] for g in gathered]
+        rngs = [g[0] for g in gathered], [g[1] for g in gathered], [g[3] for g in gathered]
         psu_state = dict(psu.state_dict(keep=master), ranks=[g[2] for g in gathered])  # a collective under FSDP
         if fsdp:  # gathered whole onto rank 0's CPU: the same single-file checkpoint as without FSDP
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -243,7 +247,7 @@ def main(argv):
         ckpt = dict(model=model_state, optimizer=optim_state, config=c,
                     model_args=asdict(raw_model.config), iter_num=iter_num, tokenizer=tok.state(),
                     psu=psu_state, diagnostics=diagnostics.state_dict(), baara=baara.state_dict() if baara else None,
-                    rng=dict(data=rngs[0], torch=rngs[1]),
+                    rng=dict(data=rngs[0], torch=rngs[1], cuda=rngs[2]),
                     loop=dict(recent_losses=recent_losses, grad_norm=float(grad_norm), last_update=float(last_update)))
         path = os.path.join(c['out_dir'], CKPT)
         torch.save(ckpt, path + '.tmp')
@@ -373,7 +377,6 @@ def stop_nonfinite(iter_num, c):
 
 def finish(model, tok, corpus, corpus_text, val_ids, diagnostics, c, device, ctx):
     """End of run: samples to samples.txt, metrics and the stability verdict to report.json."""
-    from metrics import evaluate, summary
     texts = sample_texts(model, tok, c['num_samples'], c['sample_tokens'], device=device, seed=c['seed'])
     with open(os.path.join(c['out_dir'], 'samples.txt'), 'w') as f:
         f.write('\n=====\n'.join(texts))
