@@ -1,16 +1,17 @@
 """
 Speed of the paper's units, as ratios that hold on any machine, all from one run:
 
-    python bench.py                          # about 3 minutes on 2 CPU cores
-    python bench.py --steps=21 --warmup=3    # steadier numbers
+    python bench.py                          # about 2 minutes on 2 CPU cores
+    python bench.py --steps=51               # steadier numbers
     python bench.py --threads=1              # on a machine shared with other jobs
 
-Each row steps two training setups alternately (A, B, A, B, ...) so that a busy machine slows both
-alike, and divides the median step time of B by A's. A step is what train.py's loop does per
-iteration: batch -> forward (+ PSU's feedback loss) -> backward -> (BAARA's act) -> clip -> AdamW
--> (BAARA's finish) -> (PSU's pull). The loop body is mirrored here, not imported (train.py's loop is
-one function, and the logged-step extras every log_interval are left out). Setups with periodic
-work (BAARA's reference gradient every REF_EVERY steps) are timed over whole periods.
+Each row steps two training setups alternately (A, B, A, B, ...) and reports the median of B's
+step time over that of the A step just before it, so that a busy machine, or one whose speed
+drifts, slows both alike. A step is what train.py's loop does per iteration: batch -> forward
+(+ PSU's feedback loss) -> backward -> (BAARA's act) -> clip -> AdamW -> (BAARA's finish) ->
+(PSU's pull). The loop body is mirrored here, not imported (train.py's loop is one function, and
+the logged-step extras every log_interval are left out). Setups with periodic work (BAARA's
+reference gradient every REF_EVERY steps) are timed over whole periods.
 On a GPU it adds torch.compile against eager, tokens/s and MFU at GPT-2 size (124M, bf16).
 """
 import os
@@ -32,7 +33,7 @@ from metrics import high_frequency_set, text_metrics
 from model import GPT, MLP, GPTConfig, peak_flops
 from stabilize import PSU
 
-BENCH = dict(steps=9, warmup=2, seed=1337, metrics_words=1_000_000,
+BENCH = dict(steps=25, warmup=3, seed=1337, metrics_words=1_000_000,
              threads=0,  # torch CPU threads; 0 = torch's default. On a shared machine 1 gives steadier ratios
              device='cuda' if torch.cuda.is_available() else 'cpu',
              dtype='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32')
@@ -74,10 +75,11 @@ class Setup:
             x, y = train.batch(self.ids, c, self.tok, self.gen, self.device)
             with self.ctx:
                 logits, loss = self.forward(x, y)
-                if self.baara:
-                    self.baara.observe(logits, y, loss)
-                if self.psu.stats_on:
-                    loss = loss + self.psu.feedback_loss(logits, y)
+                feedback = self.psu.feedback_loss(logits, y) if self.psu.stats_on else None  # eq. 61
+                if self.baara:  # H_b: PSU's statistics channel has it already when on
+                    self.baara.observe(logits, y, loss, None if feedback is None else self.psu.last['stats'][0])
+                if feedback is not None:
+                    loss = loss + feedback
                 loss = loss / accum
             loss.backward()
         if self.baara:
@@ -121,7 +123,8 @@ def sync(device):
 
 
 def timed(setups, b):
-    """Median seconds per step of each setup, stepped alternately; a sample spans one period."""
+    """Seconds per step of each setup, one list per setup, stepped alternately; a sample spans
+    one period."""
     period = max(s.period for s in setups)
     times = [[] for _ in setups]
     for i in range(b['warmup'] + b['steps']):
@@ -133,7 +136,7 @@ def timed(setups, b):
             sync(b['device'])
             if i >= b['warmup']:
                 t.append((time.perf_counter() - t0) / period)
-    return [statistics.median(t) for t in times]
+    return times
 
 
 def machine(b):
@@ -200,12 +203,14 @@ def main(argv):
     rows = []  # (what, ms A, ms B, ratio or text, goal)
 
     def pair(what, a, bb, goal=None):
-        ta, tb = timed([a, bb], b)
-        rows.append((what, ta * 1e3, tb * 1e3, tb / ta, goal))
-        print(f'  {what}: {tb / ta:.3f}', flush=True)
+        times_a, times_b = timed([a, bb], b)
+        ta, tb = statistics.median(times_a), statistics.median(times_b)
+        ratio = statistics.median([y / x for x, y in zip(times_a, times_b)])
+        rows.append((what, ta * 1e3, tb * 1e3, ratio, goal))
+        print(f'  {what}: {ratio:.3f}', flush=True)
         return ta, tb
 
-    print(f"timing: median of {b['steps']} steps after {b['warmup']} warm-up, each pair stepped alternately")
+    print(f"timing: {b['steps']} steps after {b['warmup']} warm-up, each pair stepped alternately; B/A: median of the paired ratios")
     n = 16384 if b['device'].startswith('cuda') else 2048  # tokens per step
     pair(f'DMU p=0.5 / p=1, GPT-2 MLP alone (768->3072, {n} tok)', MLPSetup(b, 1.0, tokens=n),
          MLPSetup(b, 0.5, tokens=n), 0.65)

@@ -23,6 +23,7 @@ lambda = 0 switches both off and train.py then never calls them: bit-identical t
 import math
 
 import torch
+import torch.nn.functional as F
 
 try:  # FSDP's parameters are DTensors (shards); the helpers below treat them and plain tensors alike
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -48,14 +49,10 @@ class PSU:
     def statistics(self, logits, targets):
         """s_t: predictive entropy, log-partition, end-of-text probability, each averaged over
         the positions that have a target (all for GPT; the masked ones for BERT)."""
-        logits = logits.float()
-        log_z = torch.logsumexp(logits, dim=-1)
-        p = torch.softmax(logits, dim=-1)
-        stats = [log_z - torch.linalg.vecdot(p, logits), log_z]  # H = log Z - E_p[z]
-        if self.eot is not None:
-            stats.append(p[..., self.eot])
-        weight = (targets != -1).float()
-        return torch.stack([(s * weight).sum() for s in stats]) / weight.sum().clamp_min(1)
+        with torch.autocast(logits.device.type, enabled=False):  # fp32 throughout, also under bf16
+            stats = NextTokenStats.apply(logits.float(), self.eot)  # (B, T, 2 or 3)
+        weight = (targets != -1).float().unsqueeze(-1)
+        return (stats * weight).sum((0, 1)) / weight.sum().clamp_min(1)
 
     def feedback_loss(self, logits, targets):
         """The statistics channel's loss term (eq. 61); updates the reference afterwards."""
@@ -76,10 +73,9 @@ class PSU:
         """The parameter channel: move theta_bar toward theta, then theta toward theta_bar.
         measure=True (logged steps) also keeps the pull's norm lambda * ||theta_bar - theta||."""
         torch._foreach_lerp_(self.ema, self.params, 1 - self.beta)
-        gap = torch._foreach_sub(self.ema, self.params)
         if measure:
-            self.last['pull_norm'] = self.lam * global_norm(gap)
-        torch._foreach_add_(self.params, gap, alpha=self.lam)
+            self.last['pull_norm'] = self.lam * global_norm(torch._foreach_sub(self.ema, self.params))
+        torch._foreach_lerp_(self.params, self.ema, self.lam)  # theta + lambda * (theta_bar - theta)
 
     def log(self):
         """Numbers for the JSON-lines log (this is the only place PSU syncs with the device)."""
@@ -106,6 +102,36 @@ class PSU:
         if self.params_on and state['ema'] is not None:
             for e, s in zip(self.ema, state['ema']):
                 copy_full_(e, s)
+
+
+class NextTokenStats(torch.autograd.Function):
+    """Per position, from logits z (fp32): the entropy H = -sum_j p_j log p_j, log Z, and p_eot
+    (when eot is not None), stacked on the last dimension. The backward pass is written out, so
+    that autograd does not replay each step of the forward one (2-3x faster than autograd's):
+        dH/dz = -p * (log p + H),   dlogZ/dz = p,   dp_eot/dz = p_eot * (onehot(eot) - p)."""
+
+    @staticmethod
+    def forward(ctx, logits, eot):
+        log_p, p = F.log_softmax(logits, dim=-1), F.softmax(logits, dim=-1)  # 2 kernels beat exp(log_p)
+        entropy = -torch.linalg.vecdot(p, log_p)
+        log_z = logits[..., 0] - log_p[..., 0]  # log p_j = z_j - log Z, at any j
+        ctx.save_for_backward(p, log_p, entropy)
+        ctx.eot = eot
+        stats = [entropy, log_z] + ([p[..., eot]] if eot is not None else [])
+        return torch.stack(stats, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, log_p, entropy = ctx.saved_tensors
+        g_h, g_z = grad[..., 0:1], grad[..., 1:2]
+        coef = g_z - g_h * entropy.unsqueeze(-1)                # the terms that multiply p alone
+        if ctx.eot is not None:
+            g_eot = grad[..., 2:3] * p[..., ctx.eot:ctx.eot + 1]
+            coef = coef - g_eot
+        grad_logits = torch.addcmul(coef, g_h, log_p, value=-1).mul_(p)
+        if ctx.eot is not None:
+            grad_logits[..., ctx.eot:ctx.eot + 1] += g_eot
+        return grad_logits, None
 
 
 def global_norm(tensors):

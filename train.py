@@ -303,10 +303,11 @@ def main(argv):
             x, y = batch(train_ids, c, tok, gen, device)
             with ctx:
                 logits, loss = model(x, y)
-                if baara:
-                    baara.observe(logits, y, loss)
-                if psu.stats_on:
-                    loss = loss + psu.feedback_loss(logits, y)
+                feedback = psu.feedback_loss(logits, y) if psu.stats_on else None  # eq. 61
+                if baara:  # H_b: PSU's statistics channel has it already when on
+                    baara.observe(logits, y, loss, None if feedback is None else psu.last['stats'][0])
+                if feedback is not None:
+                    loss = loss + feedback
                 loss = loss / c['gradient_accumulation_steps']
             loss.backward()
         if baara:  # state -> action: lr = alpha_b * eta, the inactive blocks' gradients dropped (eq. 69)

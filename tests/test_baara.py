@@ -89,9 +89,10 @@ def test_reinforce_raises_the_probability_of_a_rewarded_action():
 
 
 @pytest.mark.parametrize('scope', ['all', 'top'])
-def test_value_is_the_first_order_decrease_of_a_projected_step(scope):
+def test_value_is_the_first_order_decrease_of_a_projected_step(scope, monkeypatch):
     """SGD, the reference batch = the training batch: eq. 69 moves theta by -alpha eta P_S(g), so
     eq. 65 gives v = alpha eta |P_S(g)|^2 (C_b = 1 with the units off)."""
+    monkeypatch.setattr(B, 'REF_FRACTION', 1.0)  # g_ref from the whole batch
     model, (x, y) = tiny_model(), fixed_batch()
     baara = BAARA(model, list(range(11)), 0, lambda g: (x, y), cost='flops')
     baara.heads['scope'][:, -1] = torch.tensor([50.0, 0.0] if scope == 'all' else [0.0, 50.0])  # force the scope

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train
-from stabilize import PSU, Diagnostics, slope
+from stabilize import PSU, Diagnostics, NextTokenStats, slope
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8',
         '--eval_interval=40', '--eval_iters=2', '--num_samples=2', '--sample_tokens=8',
@@ -78,6 +78,16 @@ def test_feedback_loss_is_a_p_controller():
     loss.backward()
     # raising the sharpened logit lowers entropy further, so the controller pushes it back down
     assert sharp.grad[..., 0].sum() > 0
+
+
+@pytest.mark.parametrize('eot', [None, 2])
+def test_next_token_stats_values_and_hand_written_gradient(eot):
+    """Against autograd through the textbook formulas (float64, gradcheck's finite differences)."""
+    z = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    log_z, p = torch.logsumexp(z, -1), torch.softmax(z, -1)
+    expected = [log_z - (p * z).sum(-1), log_z] + ([p[..., eot]] if eot is not None else [])
+    torch.testing.assert_close(NextTokenStats.apply(z, eot), torch.stack(expected, -1))
+    assert torch.autograd.gradcheck(lambda z: NextTokenStats.apply(z, eot), (z,))
 
 
 def test_pull_moves_parameters_toward_their_average():
