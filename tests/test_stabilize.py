@@ -90,6 +90,19 @@ def test_next_token_stats_values_and_hand_written_gradient(eot):
     assert torch.autograd.gradcheck(lambda z: NextTokenStats.apply(z, eot), (z,))
 
 
+def test_statistics_stay_float32_under_bf16_autocast():
+    """On a GPU the logits arrive in bf16 under autocast; s_t and its gradient are still fp32."""
+    logits = torch.randn(2, 8, 11).bfloat16().requires_grad_()
+    targets = torch.randint(11, (2, 8))
+    psu = PSU([torch.zeros(1)], 0.2, 0.99, 'stats', 3)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        s = psu.statistics(logits, targets)
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, psu.statistics(logits.float(), targets))
+    s.sum().backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad.float()).all()
+
+
 def test_pull_moves_parameters_toward_their_average():
     p = torch.nn.Parameter(torch.zeros(3))
     psu = PSU([p], lam=0.5, beta=0.0, channels='params', eot=None)  # beta 0: the EMA is theta itself
