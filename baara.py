@@ -25,18 +25,19 @@ The paper lost its equations in extraction; what it leaves open is chosen here:
   reward, so only cost='flops' runs reproduce bit for bit (and resume to the same losses).
 - v_b (eq. 65) = -(g_ref . delta_theta) / C_b: the first-order decrease, by the step on batch b,
   of the loss on held-out training data. g_ref: the gradient of REF_FRACTION of a fresh training
-  batch (own generator, eval mode), renewed every REF_EVERY steps (REF_FRACTION / REF_EVERY =
-  2.5% more compute, one parameter-sized buffer; a whole batch every 10 steps cost 10%, with
-  theorem_b1's gaps +1.25/+0.74/+0.98 against +1.06/+0.56/+0.98 now). Not the batch's own
-  gradient, which rewards fitting the batch, noise included: with it theorem_b1's gap is not
-  robust (reversed for seed 2025).
+  batch (own generator, eval mode), renewed every REF_EVERY steps: REF_FRACTION / REF_EVERY =
+  2.5% more compute (a whole batch every 10 steps cost 10%, for theorem_b1 gaps of
+  +1.25/+0.74/+0.98 against +1.06/+0.56/+0.98 now) and two parameter-sized buffers (g_ref and
+  theta_before). Not the batch's own gradient, which rewards fitting the batch, noise included:
+  with it theorem_b1's gap is not robust (reversed for seed 2025).
 - vbar_b = mean of the last WINDOW values (eq. 66); c_b = 1 - H_b / log V (eq. 67). The
   REINFORCE baseline: the window's older values (fixed before a_b was drawn) plus a running mean
   of the rest, over its running std; neither depends on a_b, so no bias is added.
 - One host sync per step: act() reads the state and the last v_b (r_b is computed a step late);
   on GPU, CUDA events time the step and are read after it. Under DDP the state is averaged over
   ranks and the policy's generator seeded by the run's seed: every rank takes the same action.
-  FSDP is not supported yet.
+  Under FSDP each rank holds a shard of every parameter and gradient: g_ref and theta_before are
+  this rank's part, and the parts of each |g_i|^2 and of v_b's dot product are summed over ranks.
 """
 import copy
 import math
@@ -46,6 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stabilize import DTensor, copy_full_, full_tensor
+
 ALPHAS = (0.25, 0.5, 1.0, 2.0)         # learning-rate factors alpha_b (eq. 69)
 SCOPES = ('all', 'top')                # which blocks update: all, or the upper half
 FEATURES = ('log_grad_norm', 'loss', 'loss_change', 'rarity', 'log_fisher_mean', 'log_fisher_max', 'entropy')
@@ -53,7 +56,7 @@ WINDOW = 8                             # W of eq. 66
 REF_EVERY = 10                         # steps between reference gradients (eq. 65)
 REF_FRACTION = 0.25                    # of a batch's sequences that the reference gradient uses
 POLICY_LR = 0.05
-SAVED = ('heads', 'norm', 'rewards', 'loss_avg', 't_avg', 'values', 'keep', 'decisions', 'pending', 'step', 'last', 'g_ref')
+SAVED = ('heads', 'norm', 'rewards', 'loss_avg', 't_avg', 'values', 'keep', 'decisions', 'pending', 'step', 'last')
 
 
 class RunningNorm:
@@ -90,8 +93,14 @@ def confidence(entropy, vocab_size):
 
 
 def flat(tensors):
-    """The tensors, detached, flattened and concatenated into one vector (a copy)."""
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
+    """The tensors (this rank's shards of DTensors), detached, flattened and concatenated into one
+    vector (a copy)."""
+    return torch.cat([local(t.detach()).reshape(-1) for t in tensors])
+
+
+def local(t):
+    """This rank's shard of a DTensor; t itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class BAARA:
@@ -100,8 +109,7 @@ class BAARA:
         """reference(generator) -> (x, y): a fresh training batch, for g_ref."""
         self.model, self.cost, self.reference = model, cost, reference
         self.params = [p for p in model.parameters() if p.requires_grad]
-        if any(type(p).__name__ == 'DTensor' for p in self.params):
-            raise SystemExit("error: baara=True does not run under fsdp=True yet (use DDP: fsdp=False)")
+        self.sharded = any(isinstance(p, DTensor) for p in self.params)
         blocks, index = model.transformer.h, {id(p): i for i, p in enumerate(self.params)}
         self.block_params = [torch.tensor([index[id(p)] for p in b.parameters()]) for b in blocks]
         self.block_numel = [sum(p.numel() for p in b.parameters()) for b in blocks]
@@ -165,15 +173,20 @@ class BAARA:
     @torch.no_grad()
     def finish(self):
         """After optimizer.step(): v_b = -(g_ref . delta_theta) / C_b (eq. 65), read by the next act()."""
-        self.pending = torch.dot(self.g_ref, self.theta_before - flat(self.params)).double() / self.last['C']
+        decrease = torch.dot(self.g_ref, self.theta_before - flat(self.params))
+        if self.sharded:  # each rank has its shards' part of the dot product
+            torch.distributed.all_reduce(decrease)
+        self.pending = decrease.double() / self.last['C']
         self.step += 1
         if self.step % REF_EVERY == 0:
             self.refresh()
 
     def read_state(self):
         """The raw state (FEATURES) and the last step's v_b: BAARA's one host sync per step."""
-        sq = torch.stack(torch._foreach_norm([p.grad if p.grad is not None else p.new_zeros(())
+        sq = torch.stack(torch._foreach_norm([local(p.grad) if p.grad is not None else local(p).new_zeros(())
                                               for p in self.params])) ** 2
+        if self.sharded:  # each rank has its shards' part of every |g_i|^2
+            torch.distributed.all_reduce(sq)
         fisher = torch.stack([sq[ix].sum() / n for ix, n in zip(self.block_params, self.block_numel)])
         fisher = fisher.clamp_min(1e-30).log()                               # log mean g^2 of each block
         loss, entropy, rarity = self.micro / self.n_micro
@@ -207,15 +220,18 @@ class BAARA:
         return event
 
     def refresh(self):
-        """g_ref: the gradient of a fresh training batch's loss, in eval mode, .grad untouched;
-        one flat vector, like theta_before, so that v_b is one dot product."""
+        """g_ref: the gradient of a fresh training batch's loss, in eval mode, one flat vector like
+        theta_before, so that v_b is one dot product. Computed through .grad (FSDP's sharded
+        parameters get none from autograd.grad), when the step's own gradients are spent: after
+        optimizer.step(), or before the first step. .grad is left empty."""
         x, y = self.reference(self.ref_gen)
         n = max(1, round(len(x) * REF_FRACTION))
-        x, y = x[:n], y[:n]
         self.model.eval()
+        self.model.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            grads = torch.autograd.grad(self.model(x, y)[1], self.params, allow_unused=True)
-        self.g_ref = flat([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params)])
+            self.model(x[:n], y[:n])[1].backward()
+        self.g_ref = flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
+        self.model.zero_grad(set_to_none=True)
         self.model.train()
 
     def probs(self, name, s):
@@ -250,15 +266,25 @@ class BAARA:
 
     # ---- checkpoints: all that the next steps read, so that a resumed run takes the same actions
 
-    def state_dict(self):
-        return {**{k: getattr(self, k) for k in SAVED}, 'gen': self.gen.get_state(), 'ref_gen': self.ref_gen.get_state()}
+    def state_dict(self, keep=True):
+        """g_ref whole, one tensor per parameter. Under FSDP a collective (gathered one parameter at
+        a time): every rank calls it, and ranks that do not save pass keep=False."""
+        g_ref = []
+        for g, p in zip(self.g_ref.split([local(p).numel() for p in self.params]), self.params):
+            if self.sharded:
+                g = full_tensor(DTensor.from_local(g.view(local(p).shape), p.device_mesh, p.placements,
+                                                   shape=p.shape, stride=p.stride()))
+            g_ref.append(g.view(p.shape).cpu() if keep else None)
+        return {**{k: getattr(self, k) for k in SAVED}, 'g_ref': g_ref, 'gen': self.gen.get_state(),
+                'ref_gen': self.ref_gen.get_state()}
 
     def load_state_dict(self, state):
         state = copy.deepcopy(dict(state))  # a checkpoint may be memory-mapped
         self.gen.set_state(state.pop('gen'))
         self.ref_gen.set_state(state.pop('ref_gen'))
+        g_ref = [copy_full_(torch.zeros_like(p), g) for g, p in zip(state.pop('g_ref'), self.params)]
         vars(self).update(state)
-        self.g_ref = self.g_ref.to(self.params[0].device)
+        self.g_ref = flat(g_ref)
         self.pending = self.pending.to(self.params[0].device)
         self.model.set_keep_ratios(*self.keeps[self.keep])
 

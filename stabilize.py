@@ -145,10 +145,10 @@ def full_tensor(t):
 
 
 def copy_full_(dst, src):
-    """dst.copy_(src), where dst may be this rank's DTensor shard of the whole tensor src."""
+    """dst.copy_(src), where dst may be this rank's DTensor shard of the whole tensor src; returns dst."""
     if isinstance(dst, DTensor):
         src = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements, src_data_rank=None)
-    dst.copy_(src)
+    return dst.copy_(src)
 
 
 class Diagnostics:

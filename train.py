@@ -235,6 +235,7 @@ def main(argv):
             torch.distributed.all_gather_object(gathered, states)
         rngs = [g[0] for g in gathered], [g[1] for g in gathered], [g[3] for g in gathered]
         psu_state = dict(psu.state_dict(keep=master), ranks=[g[2] for g in gathered])  # a collective under FSDP
+        baara_state = baara.state_dict(keep=master) if baara else None                # so is this one
         if fsdp:  # gathered whole onto rank 0's CPU: the same single-file checkpoint as without FSDP
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             model_state = get_model_state_dict(raw_model, options=opts)
@@ -246,7 +247,7 @@ def main(argv):
             return
         ckpt = dict(model=model_state, optimizer=optim_state, config=c,
                     model_args=asdict(raw_model.config), iter_num=iter_num, tokenizer=tok.state(),
-                    psu=psu_state, diagnostics=diagnostics.state_dict(), baara=baara.state_dict() if baara else None,
+                    psu=psu_state, diagnostics=diagnostics.state_dict(), baara=baara_state,
                     rng=dict(data=rngs[0], torch=rngs[1], cuda=rngs[2]),
                     loop=dict(recent_losses=recent_losses, grad_norm=float(grad_norm), last_update=float(last_update)))
         path = os.path.join(c['out_dir'], CKPT)

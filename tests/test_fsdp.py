@@ -1,8 +1,8 @@
 """FSDP (torch's fully_shard, FSDP2) under torchrun on the CPU with gloo, and the GPU paths.
 
 1. Same numbers as DDP: from one 2-process DDP checkpoint, a DDP run and an FSDP run that saves
-   and resumes half-way (--init_from=resume) log the same losses, norms and PSU statistics within
-   REL. They cannot be bit-equal: DDP all-reduces gradient buckets while FSDP reduce-scatters
+   and resumes half-way (--init_from=resume) log the same losses, norms, PSU statistics and BAARA
+   values and actions within REL. They cannot be bit-equal: DDP all-reduces gradient buckets while FSDP reduce-scatters
    per-parameter shards, and the global norms (clipping, ||theta||, PSU's pull) are summed in a
    different order, so float32 rounding differs in the last bits (we see about 1e-7) and Adam
    carries it forward.
@@ -27,11 +27,14 @@ REL = 1e-4
 TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=4', '--eval_iters=2',
         '--num_samples=2', '--sample_tokens=8', '--log_interval=1', '--warmup_iters=2', '--lr_decay_iters=40',
         '--eval_interval=2', '--dtype=float32', '--compile=False']
-# PSU with both channels (the params channel runs on DTensor shards) and 2 micro-steps (gradient sync
-# only on the last one) so that every FSDP-specific path is on
-HARD = ['--psu_lambda=0.2', '--psu_channels=both', '--gradient_accumulation_steps=2']
+# PSU with both channels (the params channel runs on DTensor shards), BAARA with DMU and DTU (its
+# gradient norms, g_ref and v_b are sharded) and 2 micro-steps (gradient sync only on the last one)
+# so that every FSDP-specific path is on
+HARD = ['--psu_lambda=0.2', '--psu_channels=both', '--gradient_accumulation_steps=2',
+        '--baara=True', '--baara_cost=flops', '--dmu_p=0.5', '--dtu_r=0.5']
 COMPARED = ('loss', 'val_loss', 'train_loss', 'grad_norm', 'update_norm', 'param_norm', 'entropy',
-            'psu_entropy', 'psu_log_partition', 'psu_eot_prob', 'psu_feedback_loss', 'psu_pull_norm')
+            'psu_entropy', 'psu_log_partition', 'psu_eot_prob', 'psu_feedback_loss', 'psu_pull_norm',
+            'baara_value', 'baara_reward', 'baara_expected_alpha', 'baara_alpha', 'baara_dmu_p')
 
 
 def torchrun(nproc, *args, script='train.py'):
@@ -69,6 +72,7 @@ def test_fsdp_matches_ddp_and_resumes(tmp_path):
     assert sorted(ckpt['optimizer']['state']) == list(range(len(list(plain.parameters()))))
     assert all(e.shape == p.shape for e, p in zip(ckpt['psu']['ema'], plain.parameters()))
     assert len(ckpt['psu']['ranks']) == 2 and len(ckpt['rng']['data']) == 2
+    assert all(g.shape == p.shape for g, p in zip(ckpt['baara']['g_ref'], plain.parameters()))
     torchrun(2, f'--out_dir={fsdp}', '--init_from=resume', '--max_iters=6')  # stays FSDP: from its config
 
     ref, got = logged(ddp), logged(fsdp)
