@@ -19,7 +19,6 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -47,8 +46,7 @@ class Setup:
         self.ids, self.tok = data
         self.device = c['device']
         device_type = 'cuda' if self.device.startswith('cuda') else 'cpu'
-        pt = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[c['dtype']]
-        self.ctx = nullcontext() if pt == torch.float32 else torch.autocast(device_type=device_type, dtype=pt)
+        self.ctx = train.autocast_context(c['dtype'], self.device)
         torch.manual_seed(b['seed'])  # A and B start from the same weights
         config = GPTConfig(n_layer=c['n_layer'], n_head=c['n_head'], n_embd=c['n_embd'], block_size=c['block_size'],
                            vocab_size=self.tok.vocab_size, bias=c['bias'], dropout=c['dropout'],
@@ -103,9 +101,7 @@ class MLPSetup:
         self.mlp = MLP(GPTConfig(n_embd=n_embd, dmu_p=dmu_p, dmu_mode='fix')).to(device)
         self.optimizer = torch.optim.AdamW(self.mlp.parameters(), lr=1e-4, fused=device.startswith('cuda'))
         self.x = torch.randn(tokens // 64, 64, n_embd, device=device)
-        pt = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[b['dtype']]
-        dev_type = 'cuda' if device.startswith('cuda') else 'cpu'
-        self.ctx = nullcontext() if pt == torch.float32 else torch.autocast(device_type=dev_type, dtype=pt)
+        self.ctx = train.autocast_context(b['dtype'], device)
         self.period, self.tokens = 1, tokens
 
     def step(self):

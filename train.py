@@ -22,7 +22,7 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baara import BAARA
@@ -63,7 +63,7 @@ DEFAULTS = dict(
     fsdp=False,                   # under torchrun: shard parameters, gradients, optimiser state (FSDP2, fully_shard)
 )
 CHOICES = dict(model=('gpt', 'bert'), size=tuple(SIZES), dmu_mode=('prob', 'fix', 'edge'),
-               psu_channels=('stats', 'params', 'both'), dtype=('float32', 'bfloat16', 'float16'),
+               psu_channels=('stats', 'params', 'both'), dtype=('float32', 'bfloat16'),
                baara_cost=('time', 'flops'))
 CKPT = 'ckpt.pt'
 
@@ -88,6 +88,15 @@ def get_config(argv):
     if not 0 < config['dmu_p'] <= 1 or not 0 < config['dtu_r'] <= 1:
         raise SystemExit("error: dmu_p and dtu_r must be in (0, 1]")
     return config
+
+
+def autocast_context(dtype, device):
+    """bf16 autocast over float32 weights, or nothing for float32. (float16 is not offered: it would
+    need a gradient scaler, and every GPU this targets has bf16.)"""
+    if dtype == 'float32':
+        return nullcontext()
+    assert dtype == 'bfloat16', dtype
+    return torch.autocast(device_type='cuda' if device.startswith('cuda') else 'cpu', dtype=torch.bfloat16)
 
 
 def get_lr(it, c):
@@ -150,8 +159,7 @@ def main(argv):
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     torch.manual_seed(c['seed'] + rank)
     gen = torch.Generator().manual_seed(c['seed'] + rank)  # the training batches
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[c['dtype']]
-    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    ctx = autocast_context(c['dtype'], device)
 
     # ---- data and model
     resuming = c['init_from'] == 'resume'
@@ -178,7 +186,7 @@ def main(argv):
                            vocab_size=vocab_size, bias=c['bias'], causal=c['model'] == 'gpt', **units)
     state = ckpt['model'] if ckpt is not None else gpt2_weights
     if fsdp:
-        model = build_fsdp(config, device, world)
+        model = build_fsdp(config, device, world, c['dtype'])
         if state is None:
             model.init_weights()  # on the local shards
         else:  # the whole state dict, read from rank 0's copy (every rank maps the file, none copies it)
@@ -354,15 +362,19 @@ def main(argv):
         destroy_process_group()
 
 
-def build_fsdp(config, device, world):
+def build_fsdp(config, device, world, dtype='float32'):
     """FSDP2 without ever holding the whole model: build on the meta device, fully_shard each Block
-    then the root (tied wte/lm_head stay one parameter), then allocate only this rank's shards."""
+    then the root (tied wte/lm_head stay one parameter), then allocate only this rank's shards.
+    With bfloat16 the shards are gathered in bf16 (half the traffic) and the gradients reduced in
+    float32; the optimiser, PSU and BAARA keep working on the float32 shards."""
     with torch.device('meta'):
         model = GPT(config)
     mesh = init_device_mesh(device.split(':')[0], (world,))
+    bf16 = dtype == 'bfloat16'
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
     for block in model.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model.to_empty(device=device)
 
 

@@ -7,7 +7,8 @@
    different order, so float32 rounding differs in the last bits (we see about 1e-7) and Adam
    carries it forward.
 2. A paper-style start: the model is built on the meta device, sharded, and only this rank's
-   shards are allocated and initialised: no rank ever holds the whole model.
+   shards are allocated and initialised: no rank ever holds the whole model. With bf16 the
+   shards are gathered in bf16 but kept, with their gradients, in float32.
 3. On a GPU only (skipped here otherwise): bf16 + torch.compile with MFU in the log; FSDP on cuda.
 """
 import json
@@ -120,6 +121,14 @@ WORKER = textwrap.dedent("""
                full_mb=total * 4 / 2**20, tied=model.lm_head.weight is model.transformer.wte.weight,
                wte_std=wte.std().item(), ln_ones=bool((ln == 1).all()), loss=loss.item(),
                grad_local=model.lm_head.weight.grad.to_local().shape[0], wte_rows=wte.shape[0])
+    small = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    bf16 = train.build_fsdp(small, 'cpu', world, 'bfloat16')  # bf16 gathers, float32 shards and grads
+    bf16.init_weights()
+    fc = bf16.transformer.h[0].mlp.c_fc
+    fc.register_forward_hook(lambda module, inputs, output: row.update(gathered=str(module.weight.dtype)))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        bf16(x[:, :8] % 64, y[:, :8] % 64)[1].backward()
+    row.update(shard=str(fc.weight.to_local().dtype), shard_grad=str(fc.weight.grad.to_local().dtype))
     row['seconds'] = time.time() - t0
     with open(os.path.join(sys.argv[1], f'rank{{rank}}.json'), 'w') as f:
         json.dump(row, f)
@@ -142,6 +151,8 @@ def test_fsdp_start_never_holds_the_whole_model(tmp_path):
         assert row['loss'] == pytest.approx(10.83, abs=0.5)  # about ln(50304): the init is near uniform
         assert row['grad_local'] == row['wte_rows'] == 50304 // 2  # gradients are sharded too
     assert rows[0]['wte_std'] != rows[1]['wte_std']  # the shards hold different draws
+    for row in rows:  # dtype=bfloat16: half the all-gather traffic, the optimiser still in float32
+        assert (row['gathered'], row['shard'], row['shard_grad']) == ('torch.bfloat16', 'torch.float32', 'torch.float32')
 
 
 def test_fsdp_needs_torchrun(tmp_path):
