@@ -345,7 +345,8 @@ def main(argv):
                 entropy = psu.statistics(logits.detach(), y)[0].item()  # for Fig. 3, with or without PSU
                 log(dict(iter=iter_num, loss=lossf, lr=lr, tok_per_s=round(tok_s), eta_s=round(eta), entropy=entropy,
                          grad_norm=grad_norm.item(), update_norm=last_update.item(), **psu.log(), **(baara.log() if baara else {}),
-                         **({'mfu': raw_model.estimate_mfu(tok_s / world, peak)} if peak else {})))
+                         **({'mfu': raw_model.estimate_mfu(tok_s / world, peak)} if peak else {}),
+                         **({'peak_mem_gib': torch.cuda.max_memory_allocated(device) / 2**30} if device_type == 'cuda' else {})))
         iter_num += 1
 
     if fsdp:  # samples and metrics run on rank 0 alone: gather the whole model there

@@ -166,7 +166,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GP
 @cuda
 def test_gpu_bf16_compile_smoke(tmp_path):
     """bf16 autocast + torch.compile + fused AdamW train on the GPU, and the log carries MFU on
-    the GPUs in model.PEAK_FLOPS."""
+    the GPUs in model.PEAK_FLOPS and the peak GPU memory."""
     out = str(tmp_path)
     train.main([f'--out_dir={out}', *TINY, '--device=cuda', '--dtype=bfloat16', '--compile=True', '--max_iters=6',
                 '--eval_interval=3'])
@@ -174,6 +174,7 @@ def test_gpu_bf16_compile_smoke(tmp_path):
     assert len(steps) == 6 and all(r['loss'] == r['loss'] for r in steps)
     if train.peak_flops(torch.cuda.get_device_name()):
         assert all(0 < r['mfu'] < 1 for r in steps[1:])
+    assert all(0 < r['peak_mem_gib'] < torch.cuda.get_device_properties(0).total_memory / 2**30 for r in steps)
 
 
 @cuda
