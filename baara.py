@@ -12,32 +12,27 @@ The paper lost its equations in extraction; what it leaves open is chosen here:
   (exact for 100 steps, then EMA 0.99; clipped to +-5). Rarity: mean -log unigram frequency of
   the targets (add-one counts of the training ids). Fisher: log mean squared gradient per block.
 - Action: alpha in ALPHAS; scope in SCOPES ('top': the upper half of the blocks; embeddings,
-  ln_f and the tied head always move); keep = the configured DMU p / DTU r, or 1 (both off),
-  when a unit is on. Linear softmax heads, starting uniform. keep must be fixed before a forward
-  pass, so it is drawn for the next batch and credited with that batch's reward.
-- P_S (eq. 69): the inactive blocks' gradients are set to None before optimizer.step(); AdamW
-  skips such a parameter: no move, no weight decay, moments untouched (a zeroed gradient would
-  not do: momentum and decay still move it). Their gradients are still computed (DMU/DTU save
-  compute, the scope does not). PSU's trajectory pull (stabilize.py) still moves every parameter.
-- C_b (eq. 63) = step time (forward and backward passes) at its keep ratios / at keep 1, each a
-  running mean of measured times (single steps jitter; the warm-up step is not timed); the FLOP
-  ratio until both are measured, and always with cost='flops'. The wall clock then enters the
-  reward, so only cost='flops' runs reproduce bit for bit (and resume to the same losses).
+  ln_f and the tied head always move); keep = the configured DMU p / DTU r, or 1 (both off).
+  Linear softmax heads, starting uniform. keep is fixed before a forward pass, so it is drawn
+  for the next batch and credited with that batch's reward.
+- P_S (eq. 69): the inactive blocks' gradients are set to None, so AdamW skips them: no move,
+  no decay, moments untouched (a zeroed gradient would still move them by momentum and decay).
+  PSU's trajectory pull (stabilize.py) still moves every parameter.
+- C_b (eq. 63) = running mean of the step time (forward and backward) at its keep ratios / at
+  keep 1 (the warm-up step untimed); the FLOP ratio until both are measured, and always with
+  cost='flops', the only runs that reproduce bit for bit (the wall clock enters the reward).
 - v_b (eq. 65) = -(g_ref . delta_theta) / C_b: the first-order decrease, by the step on batch b,
   of the loss on held-out training data. g_ref: the gradient of REF_FRACTION of a fresh training
-  batch (own generator, eval mode), renewed every REF_EVERY steps: REF_FRACTION / REF_EVERY =
-  2.5% more compute (a whole batch every 10 steps cost 10%, for theorem_b1 gaps of
-  +1.25/+0.74/+0.98 against +1.06/+0.56/+0.98 now) and two parameter-sized buffers (g_ref and
-  theta_before). Not the batch's own gradient, which rewards fitting the batch, noise included:
-  with it theorem_b1's gap is not robust (reversed for seed 2025).
+  batch (own generator, eval mode), renewed every REF_EVERY steps (2.5% more compute, and two
+  parameter-sized buffers: g_ref and theta_before). Not the batch's own gradient, which rewards
+  fitting the batch, noise included: with it theorem_b1's gap is not robust.
 - vbar_b = mean of the last WINDOW values (eq. 66); c_b = 1 - H_b / log V (eq. 67). The
   REINFORCE baseline: the window's older values (fixed before a_b was drawn) plus a running mean
   of the rest, over its running std; neither depends on a_b, so no bias is added.
-- One host sync per step: act() reads the state and the last v_b (r_b is computed a step late);
-  on GPU, CUDA events time the step and are read after it. Under DDP the state is averaged over
-  ranks and the policy's generator seeded by the run's seed: every rank takes the same action.
-  Under FSDP each rank holds a shard of every parameter and gradient: g_ref and theta_before are
-  this rank's part, and the parts of each |g_i|^2 and of v_b's dot product are summed over ranks.
+- One host sync per step, in act() (r_b is computed a step late); on GPU, CUDA events time the
+  step. Under DDP the state is averaged over ranks and the policy's generator seeded by the
+  run's seed: every rank takes the same action. Under FSDP g_ref and theta_before are this
+  rank's shards, and the parts of each |g_i|^2 and of v_b's dot product are summed over ranks.
 """
 import copy
 import math
@@ -45,9 +40,8 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from stabilize import DTensor, copy_full_, full_tensor
+from stabilize import DTensor, NextTokenStats, copy_full_, flat, local, whole
 
 ALPHAS = (0.25, 0.5, 1.0, 2.0)         # learning-rate factors alpha_b (eq. 69)
 SCOPES = ('all', 'top')                # which blocks update: all, or the upper half
@@ -92,17 +86,6 @@ def confidence(entropy, vocab_size):
     return min(1.0, max(0.0, 1.0 - entropy / math.log(vocab_size)))
 
 
-def flat(tensors):
-    """The tensors (this rank's shards of DTensors), detached, flattened and concatenated into one
-    vector (a copy)."""
-    return torch.cat([local(t.detach()).reshape(-1) for t in tensors])
-
-
-def local(t):
-    """This rank's shard of a DTensor; t itself otherwise."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 class BAARA:
 
     def __init__(self, model, train_ids, seed, reference, cost='time'):
@@ -140,8 +123,7 @@ class BAARA:
         entropy: H_b when the caller has it already (PSU's statistics channel computes it)."""
         weight = (targets != -1).float()
         if entropy is None:
-            z = logits.float()
-            entropy = (-torch.linalg.vecdot(F.softmax(z, dim=-1), F.log_softmax(z, dim=-1)) * weight).sum() / weight.sum()
+            entropy = (NextTokenStats.apply(logits.float(), None)[..., 0] * weight).sum() / weight.sum()
         rarity = (self.rarity[targets.clamp_min(0)] * weight).sum() / weight.sum()
         self.micro = self.micro + torch.stack([loss.detach().float(), entropy, rarity])
         self.n_micro, self.vocab_size = self.n_micro + 1, logits.size(-1)
@@ -220,10 +202,8 @@ class BAARA:
         return event
 
     def refresh(self):
-        """g_ref: the gradient of a fresh training batch's loss, in eval mode, one flat vector like
-        theta_before, so that v_b is one dot product. Computed through .grad (FSDP's sharded
-        parameters get none from autograd.grad), when the step's own gradients are spent: after
-        optimizer.step(), or before the first step. .grad is left empty."""
+        """g_ref, flat like theta_before. Through .grad (autograd.grad gives FSDP's sharded parameters
+        none), so only when the step's own gradients are spent; .grad is left empty."""
         x, y = self.reference(self.ref_gen)
         n = max(1, round(len(x) * REF_FRACTION))
         self.model.eval()
@@ -269,12 +249,9 @@ class BAARA:
     def state_dict(self, keep=True):
         """g_ref whole, one tensor per parameter. Under FSDP a collective (gathered one parameter at
         a time): every rank calls it, and ranks that do not save pass keep=False."""
-        g_ref = []
-        for g, p in zip(self.g_ref.split([local(p).numel() for p in self.params]), self.params):
-            if self.sharded:
-                g = full_tensor(DTensor.from_local(g.view(local(p).shape), p.device_mesh, p.placements,
-                                                   shape=p.shape, stride=p.stride()))
-            g_ref.append(g.view(p.shape).cpu() if keep else None)
+        parts = self.g_ref.split([local(p).numel() for p in self.params])
+        wholes = (whole(part, p) for part, p in zip(parts, self.params))  # one at a time
+        g_ref = [g.cpu() if keep else None for g in wholes]
         return {**{k: getattr(self, k) for k in SAVED}, 'g_ref': g_ref, 'gen': self.gen.get_state(),
                 'ref_gen': self.ref_gen.get_state()}
 
@@ -309,8 +286,7 @@ def theorem_b1(seed, steps=300, noise=1 / 3, blind=False):
     for step in range(steps):
         x, y = batch(gen)
         noisy = torch.rand((), generator=gen).item() < noise
-        if noisy:
-            y = torch.randint(tok.vocab_size, y.shape, generator=gen)
+        y = torch.randint(tok.vocab_size, y.shape, generator=gen) if noisy else y
         baara.start()
         logits, loss = model(x, y)
         baara.observe(logits, y, loss)

@@ -144,6 +144,25 @@ def full_tensor(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def local(t):
+    """This rank's shard of a DTensor; t itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def flat(tensors):
+    """The tensors (this rank's shards of DTensors), detached, flattened, concatenated: a copy."""
+    return torch.cat([local(t.detach()).reshape(-1) for t in tensors])
+
+
+def whole(part, like):
+    """The whole tensor shaped like `like`, given `part`: its flat local shard if `like` is a
+    DTensor (then a collective: every rank must call it), or all of it otherwise."""
+    if not isinstance(like, DTensor):
+        return part.view(like.shape)
+    return DTensor.from_local(part.view(local(like).shape), like.device_mesh, like.placements,
+                              shape=like.shape, stride=like.stride()).full_tensor()
+
+
 def copy_full_(dst, src):
     """dst.copy_(src), where dst may be this rank's DTensor shard of the whole tensor src; returns dst."""
     if isinstance(dst, DTensor):
