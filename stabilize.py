@@ -49,8 +49,7 @@ class PSU:
     def statistics(self, logits, targets):
         """s_t: predictive entropy, log-partition, end-of-text probability, each averaged over
         the positions that have a target (all for GPT; the masked ones for BERT)."""
-        with torch.autocast(logits.device.type, enabled=False):  # fp32 throughout, also under bf16
-            stats = NextTokenStats.apply(logits.float(), self.eot)  # (B, T, 2 or 3)
+        stats = NextTokenStats.apply(logits.float(), self.eot)  # (B, T, 2 or 3), fp32 also under autocast
         weight = (targets != -1).float().unsqueeze(-1)
         return (stats * weight).sum((0, 1)) / weight.sum().clamp_min(1)
 
@@ -113,7 +112,7 @@ class NextTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, eot):
         log_p, p = F.log_softmax(logits, dim=-1), F.softmax(logits, dim=-1)  # 2 kernels beat exp(log_p)
-        entropy = -torch.linalg.vecdot(p, log_p)
+        entropy = -(p * log_p).sum(-1)  # not linalg.vecdot: autocast would run that in bf16
         log_z = logits[..., 0] - log_p[..., 0]  # log p_j = z_j - log Z, at any j
         ctx.save_for_backward(p, log_p, entropy)
         ctx.eot = eot

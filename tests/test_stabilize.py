@@ -97,8 +97,10 @@ def test_statistics_stay_float32_under_bf16_autocast():
     psu = PSU([torch.zeros(1)], 0.2, 0.99, 'stats', 3)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         s = psu.statistics(logits, targets)
-    assert s.dtype == torch.float32
+        per_position = NextTokenStats.apply(logits.float(), None)  # how BAARA reads H_b, under autocast
+    assert s.dtype == per_position.dtype == torch.float32
     torch.testing.assert_close(s, psu.statistics(logits.float(), targets))
+    assert torch.equal(per_position, NextTokenStats.apply(logits.float(), None))
     s.sum().backward()
     assert logits.grad is not None and torch.isfinite(logits.grad.float()).all()
 
