@@ -4,20 +4,22 @@ nanoGPT's configurator, made strict: `python train.py [config/file.py] [--key=va
 A config file is Python that assigns some of the keys; --key=value pairs come after it and win.
 Every key must already have a default, and every value must have the default's type (an int is
 accepted where a float is expected). Any mistake is a one-line error that names the valid keys.
---help prints the script's docstring and every key with its default.
+--help prints the script's docstring and every key with its default (and its valid values).
 """
 import ast
 import os
 import sys
 
 
-def parse_flags(defaults, argv):
-    """defaults: dict of key -> default value. Returns (config dict, the keys that were set)."""
+def parse_flags(defaults, argv, choices={}):
+    """defaults: dict of key -> default value; choices: key -> valid values, shown by --help (the
+    caller checks them, after merging a resumed config). Returns (config dict, the keys set)."""
     config, given = dict(defaults), {}
     for arg in argv:
         if arg in ('-h', '--help'):
             print((sys.modules['__main__'].__doc__ or '').strip() + '\n\nkeys and defaults:')
-            print('\n'.join(f'  --{key}={value!r}' for key, value in defaults.items()))
+            print('\n'.join(f'  --{key}={value!r}' + (f"  ({' | '.join(choices[key])})" if key in choices else '')
+                            for key, value in defaults.items()))
             raise SystemExit(0)
         if not arg.startswith('--'):
             given.update(read_config_file(arg, defaults))

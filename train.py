@@ -71,7 +71,7 @@ CKPT = 'ckpt.pt'
 def get_config(argv):
     """Defaults <- (the resumed run's config) <- config file <- --key=value. A named size sets
     n_layer/n_head/n_embd unless they are given too."""
-    config, given = parse_flags(DEFAULTS, argv)
+    config, given = parse_flags(DEFAULTS, argv, CHOICES)
     if config['init_from'] == 'resume':
         path = os.path.join(config['out_dir'], CKPT)
         saved = load_checkpoint(path)
@@ -95,7 +95,8 @@ def autocast_context(dtype, device):
     need a gradient scaler, and every GPU this targets has bf16.)"""
     if dtype == 'float32':
         return nullcontext()
-    assert dtype == 'bfloat16', dtype
+    if dtype != 'bfloat16':  # train.py checked it already; bench.py's --dtype comes here unchecked
+        raise SystemExit(f"error: dtype={dtype!r} is not one of float32, bfloat16")
     return torch.autocast(device_type='cuda' if device.startswith('cuda') else 'cpu', dtype=torch.bfloat16)
 
 
