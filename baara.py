@@ -19,8 +19,9 @@ The paper lost its equations in extraction; what it leaves open is chosen here:
   no decay, moments untouched (a zeroed gradient would still move them by momentum and decay).
   PSU's trajectory pull (stabilize.py) still moves every parameter.
 - C_b (eq. 63) = running mean of the step time (forward and backward) at its keep ratios / at
-  keep 1 (the warm-up step untimed); the FLOP ratio until both are measured, and always with
-  cost='flops', the only runs that reproduce bit for bit (the wall clock enters the reward).
+  keep 1 (untimed: each keep's first step, where torch.compile compiles its graph); the FLOP
+  ratio until both are measured, and always with cost='flops', the only runs that reproduce
+  bit for bit (the wall clock enters the reward).
 - v_b (eq. 65) = -(g_ref . delta_theta) / C_b: the first-order decrease, by the step on batch b,
   of the loss on held-out training data. g_ref: the gradient of REF_FRACTION of a fresh training
   batch (own generator, eval mode), renewed every REF_EVERY steps (2.5% more compute, and two
@@ -108,6 +109,7 @@ class BAARA:
         self.norm, self.rewards = RunningNorm(len(FEATURES), 0.99), RunningNorm(1, 0.95)
         self.loss_avg, self.t_avg, self.values = None, {}, []
         self.keep, self.decisions, self.step, self.last = 0, {}, 0, {}
+        self.warm = set()  # keeps this process has stepped at; not saved: a resumed one warms up again
         self.pending = torch.zeros((), dtype=torch.float64, device=self.params[0].device)  # v_b, for act()
         self.refresh()
 
@@ -184,8 +186,9 @@ class BAARA:
 
     def complexity(self, elapsed):
         """C_b (eq. 63) of this step, which ran at keep ratios self.keeps[self.keep]."""
-        if self.step > 0:  # the first step is warm-up
+        if self.keep in self.warm:  # a keep's first step (warm-up, compile) would swamp the mean
             self.t_avg[self.keep] = 0.9 * self.t_avg.get(self.keep, elapsed) + 0.1 * elapsed
+        self.warm.add(self.keep)
         off = len(self.keeps) - 1
         if self.keep == off:
             return 1.0

@@ -78,6 +78,18 @@ def test_confidence_reward_and_cost():
     assert flop_ratio(config, 1.0, 1.0) == 1.0 and flop_ratio(config, 0.5, 0.5) < flop_ratio(config, 0.5, 1.0) < 1
 
 
+def test_measured_cost_leaves_out_each_keeps_first_step():
+    """C_b from step times (eq. 63): a keep's first step, where torch.compile compiles its graph
+    (seconds against milliseconds), is not timed, or it would dominate the running mean."""
+    baara = BAARA(tiny_model(dmu_p=0.5), list(range(11)), 0, lambda g: fixed_batch())
+    baara.step = 5
+    for keep, elapsed in ((0, 30.0), (0, 1.0), (1, 40.0), (1, 2.0)):  # keep 1 is off: p = 1
+        baara.keep = keep
+        baara.complexity(elapsed)
+    baara.keep = 0
+    assert baara.complexity(1.0) == pytest.approx(0.5)
+
+
 def test_reinforce_raises_the_probability_of_a_rewarded_action():
     baara = BAARA(tiny_model(), list(range(11)), 0, lambda g: fixed_batch())
     s = torch.randn(len(B.FEATURES), dtype=torch.float64)

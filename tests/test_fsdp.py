@@ -9,7 +9,8 @@
 2. A paper-style start: the model is built on the meta device, sharded, and only this rank's
    shards are allocated and initialised: no rank ever holds the whole model. With bf16 the
    shards are gathered in bf16 but kept, with their gradients, in float32.
-3. On a GPU only (skipped here otherwise): bf16 + torch.compile with MFU in the log; FSDP on cuda.
+3. On a GPU only (skipped here otherwise): bf16 + torch.compile with MFU in the log; FSDP on cuda;
+   DMU, DTU and PSU give the CPU's numbers.
 """
 import json
 import os
@@ -132,6 +133,7 @@ WORKER = textwrap.dedent("""
     row['seconds'] = time.time() - t0
     with open(os.path.join(sys.argv[1], f'rank{{rank}}.json'), 'w') as f:
         json.dump(row, f)
+    dist.barrier()  # as train.py does: a rank that exits while another still works can abort gloo
     dist.destroy_process_group()
 """)
 
@@ -187,3 +189,25 @@ def test_gpu_fsdp_saves_and_resumes(tmp_path):
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
     assert ckpt['iter_num'] == 6 and ckpt['model']['lm_head.weight'].device.type == 'cpu'
     assert len([k for k in logged(out) if k[1] == 'step']) == 6
+
+
+@cuda
+def test_gpu_gives_the_cpu_numbers(tmp_path, monkeypatch):
+    """DMU, DTU and PSU (both channels) in float32 give the CPU's losses, norms and PSU statistics
+    on the GPU. The masks are drawn from the CPU's generator in both runs (patched here), so only
+    the arithmetic differs: cuBLAS, fused AdamW and the CPU's kernels sum in different orders."""
+    rand_like, randperm = torch.rand_like, torch.randperm
+    monkeypatch.setattr(torch, 'rand_like', lambda t: rand_like(t, device='cpu').to(t.device))  # DTU's Gumbel noise
+    monkeypatch.setattr(torch, 'randperm', lambda n, device=None: randperm(n).to(device))  # DMU's kept units
+    flags = [*TINY, '--psu_lambda=0.2', '--psu_channels=both', '--dmu_p=0.5', '--dtu_r=0.5', '--max_iters=8']
+    for device in ('cpu', 'cuda'):
+        train.main([f'--out_dir={tmp_path / device}', f'--device={device}', *flags])
+    ref, got = logged(str(tmp_path / 'cpu')), logged(str(tmp_path / 'cuda'))
+    assert set(ref) == set(got)
+    worst = 0.0
+    for key, a in ref.items():
+        for name in COMPARED:
+            if name in a and a[name] == a[name]:
+                assert got[key][name] == pytest.approx(a[name], rel=REL, abs=1e-6), (key, name)
+                worst = max(worst, abs(got[key][name] - a[name]) / max(abs(a[name]), 1e-6))
+    print(f'largest relative difference, GPU against CPU: {worst:.1e}')

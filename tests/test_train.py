@@ -1,7 +1,7 @@
 """train.py and sample.py end to end, in-process through main([...]) with tiny settings: the
 loss falls, the log/checkpoint/samples/report are written, resume is exact, BERT trains, and
-every bad input is a one-line SystemExit. Plus one subprocess run (stderr has no traceback)
-and one 2-process torchrun run on the CPU (gloo)."""
+every bad input is a one-line SystemExit. Plus one subprocess run (stderr has no traceback),
+one 2-process torchrun run on the CPU (gloo) and one torch.compile run against eager."""
 import json
 import os
 import shutil
@@ -264,3 +264,20 @@ def test_torchrun_two_processes_cpu(tmp_path):
     assert ckpt['iter_num'] == 6 and len(ckpt['rng']['data']) == 2
     assert len(steps(read_log(out))) == 6
     assert os.path.exists(os.path.join(out, 'samples.txt'))
+
+
+@pytest.mark.skipif(shutil.which('g++') is None, reason="torch.compile on the CPU needs a C++ compiler")
+def test_compile_gives_the_eager_numbers(tmp_path, monkeypatch):
+    """--compile=True with DMU, DTU, PSU and BAARA on the CPU (inductor's C++ backend) logs the
+    eager run's numbers. BAARA changes the keep ratios between steps, so this also checks that
+    the compiled model follows them (a graph per keep). fallback_random draws the masks with
+    eager's generator; otherwise compiled kernels draw their own."""
+    monkeypatch.setattr(torch._inductor.config, 'fallback_random', True)
+    flags = ['--max_iters=4', '--eval_interval=4', '--dmu_p=0.5', '--dtu_r=0.5', '--psu_lambda=0.2',
+             '--baara=True', '--baara_cost=flops']
+    eager = steps(run(str(tmp_path / 'eager'), *flags))
+    compiled = steps(run(str(tmp_path / 'compiled'), *flags, '--compile=True'))
+    assert {r['baara_dmu_p'] for r in eager} == {0.5, 1.0}  # both keeps were used
+    for a, b in zip(untimed(eager), untimed(compiled), strict=True):
+        for key, value in a.items():
+            assert b[key] == (pytest.approx(value, rel=1e-4, abs=1e-6) if isinstance(value, float) else value), key
