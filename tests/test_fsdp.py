@@ -5,7 +5,7 @@
    values and actions within REL. They cannot be bit-equal: DDP all-reduces gradient buckets while FSDP reduce-scatters
    per-parameter shards, and the global norms (clipping, ||theta||, PSU's pull) are summed in a
    different order, so float32 rounding differs in the last bits (we see about 1e-7) and Adam
-   carries it forward.
+   carries it forward. FSDP with torch.compile gives the same numbers too.
 2. A paper-style start: the model is built on the meta device, sharded, and only this rank's
    shards are allocated and initialised: no rank ever holds the whole model. With bf16 the
    shards are gathered in bf16 but kept, with their gradients, in float32.
@@ -59,12 +59,34 @@ def logged(out_dir):
     return rows
 
 
-def test_fsdp_matches_ddp_and_resumes(tmp_path):
-    base, ddp, fsdp = (str(tmp_path / n) for n in ('base', 'ddp', 'fsdp'))
+def same_numbers(ref, got):
+    """Every COMPARED value of the runs' iters 2-6 (0-1 come from the shared base run) within REL."""
+    assert set(ref) == set(got) and len([k for k in ref if k[1] == 'step']) == 6
+    checked = 0
+    for key, a in ref.items():
+        for name in COMPARED:
+            if name in a and key[0] >= 2 and a[name] == a[name]:
+                assert got[key][name] == pytest.approx(a[name], rel=REL, abs=1e-7), (key, name)
+                checked += 1
+    assert checked > 50
+
+
+@pytest.fixture(scope='module')
+def ddp_run(tmp_path_factory):
+    """A 2-process DDP run of 2 iters (the base every run here resumes from) and its DDP
+    continuation to iter 6, the reference."""
+    root = tmp_path_factory.mktemp('ddp')
+    base, ddp = str(root / 'base'), str(root / 'ddp')
     torchrun(2, f'--out_dir={base}', '--device=cpu', *TINY, *HARD, '--max_iters=2')
     shutil.copytree(base, ddp)
-    shutil.copytree(base, fsdp)
     torchrun(2, f'--out_dir={ddp}', '--init_from=resume', '--max_iters=6')
+    return base, logged(ddp)
+
+
+def test_fsdp_matches_ddp_and_resumes(ddp_run, tmp_path):
+    base, ref = ddp_run
+    fsdp = str(tmp_path / 'fsdp')
+    shutil.copytree(base, fsdp)
     out = torchrun(2, f'--out_dir={fsdp}', '--init_from=resume', '--fsdp=True', '--max_iters=4')
     assert '2 process(es)' in out
     ckpt = torch.load(os.path.join(fsdp, 'ckpt.pt'), weights_only=False)  # the usual single file, whole tensors
@@ -76,17 +98,31 @@ def test_fsdp_matches_ddp_and_resumes(tmp_path):
     assert len(ckpt['psu']['ranks']) == 2 and len(ckpt['rng']['data']) == 2
     assert all(g.shape == p.shape for g, p in zip(ckpt['baara']['g_ref'], plain.parameters()))
     torchrun(2, f'--out_dir={fsdp}', '--init_from=resume', '--max_iters=6')  # stays FSDP: from its config
-
-    ref, got = logged(ddp), logged(fsdp)
-    assert set(ref) == set(got) and len([k for k in ref if k[1] == 'step']) == 6
-    checked = 0
-    for key, a in ref.items():
-        for name in COMPARED:
-            if name in a and key[0] >= 2 and a[name] == a[name]:  # iters 0-1 come from the shared base run
-                assert got[key][name] == pytest.approx(a[name], rel=REL, abs=1e-7), (key, name)
-                checked += 1
-    assert checked > 50
+    same_numbers(ref, logged(fsdp))
     assert os.path.exists(os.path.join(fsdp, 'samples.txt'))  # rank 0 sampled from the gathered model
+
+
+COMPILED = textwrap.dedent("""
+    import sys
+    import torch._inductor.config
+    torch._inductor.config.fallback_random = True  # DMU/DTU draw from eager's generator, as in the DDP run
+    sys.path.insert(0, {root!r})
+    import train
+    train.main(sys.argv[1:])
+""")
+
+
+@pytest.mark.skipif(shutil.which('g++') is None, reason="torch.compile on the CPU needs a C++ compiler")
+def test_fsdp_compiled_matches_ddp(ddp_run, tmp_path):
+    """--fsdp=True --compile=True, the paper-size command: dynamo breaks the graph at FSDP's hooks
+    and compiles what lies between them; the numbers stay the eager DDP run's."""
+    base, ref = ddp_run
+    script, fsdp = tmp_path / 'compiled.py', str(tmp_path / 'fsdp')
+    script.write_text(COMPILED.format(root=ROOT))
+    shutil.copytree(base, fsdp)
+    torchrun(2, f'--out_dir={fsdp}', '--init_from=resume', '--fsdp=True', '--compile=True', '--max_iters=6',
+             script=str(script))
+    same_numbers(ref, logged(fsdp))
 
 
 WORKER = textwrap.dedent("""
