@@ -2,6 +2,8 @@
 # Table 6.2, re-measured: psu_lambda in {0, 0.05, 0.2} x seeds {2025, 2026, 2027} for GPT-2 and
 # BERT at seed 2026, on the embedded synthetic corpus and on a real text, then the table.
 #   bash config/table62.sh [TEXT_FILE] [--gpu] [extra train.py flags...]
+#   LAUNCH='torchrun --standalone --nproc_per_node=8' bash config/table62.sh FILE --gpu --size=gpt2-1b \
+#       --learning_rate=2e-4 --fsdp=True     # the paper's scale (see config/table62_gpu.py)
 # TEXT_FILE defaults to ../shared/data/tinyshakespeare.txt when it exists (real text is tokenized
 # by characters at CPU scale, GPT-2 BPE with --gpu). --gpu adds config/table62_gpu.py.
 # The PSU channel ablation at lambda=0.2 (stats only, params only) runs on the synthetic corpus.
@@ -16,7 +18,7 @@ if [ "${1:-}" = --gpu ]; then scale+=(config/table62_gpu.py) text_tok=--tokenize
 run() {  # run NAME flags...: skip runs that already finished, so the sweep can be resumed
   local dir=$out/$1; shift
   [ -f "$dir/report.json" ] && return
-  python train.py "${scale[@]}" --out_dir="$dir" "$@" "${extra[@]}"
+  ${LAUNCH:-python} train.py "${scale[@]}" --out_dir="$dir" "$@" "${extra[@]}"
 }
 extra=("$@")
 table() {  # table NAME flags...: GPT at three seeds and BERT at seed 2026, each lambda

@@ -1,5 +1,7 @@
 # Table 6.2 at GPU scale: bash config/table62.sh PATH --gpu
-# GPT-2 124M on one GPU; the paper's 1B-3B sizes are --size=gpt2-1b ... with --fsdp=True under torchrun.
+# GPT-2 124M on one GPU. The paper's sizes: add --size=gpt2-1b (or gpt2-2b, gpt2-3b) with GPT-3's
+# learning rate for that size, --learning_rate=2e-4 (1.6e-4 for 2-3B), and on several GPUs
+# LAUNCH='torchrun --standalone --nproc_per_node=8' ... --fsdp=True. The paper gives no hyperparameters.
 size = 'gpt2'
 block_size = 256
 batch_size = 64
