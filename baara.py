@@ -35,6 +35,7 @@ The paper lost its equations in extraction; what it leaves open is chosen here:
   run's seed: every rank takes the same action. Under FSDP g_ref and theta_before are this
   rank's shards, and the parts of each |g_i|^2 and of v_b's dot product are summed over ranks.
 """
+import contextlib
 import copy
 import math
 import time
@@ -89,10 +90,12 @@ def confidence(entropy, vocab_size):
 
 class BAARA:
 
-    def __init__(self, model, train_ids, seed, reference, cost='time'):
-        """reference(generator) -> (x, y): a fresh training batch, for g_ref."""
-        self.model, self.cost, self.reference = model, cost, reference
+    def __init__(self, model, train_ids, seed, reference, cost='time', ctx=contextlib.nullcontext()):
+        """reference(generator) -> (x, y): a fresh training batch, for g_ref; ctx: the training
+        forward pass's autocast (g_ref in float32 would cost a bf16 GPU many times the 2.5%)."""
+        self.model, self.cost, self.reference, self.ctx = model, cost, reference, ctx
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.numels = [local(p).numel() for p in self.params]  # of this rank's parts of the flat vectors
         self.sharded = any(isinstance(p, DTensor) for p in self.params)
         blocks, index = model.transformer.h, {id(p): i for i, p in enumerate(self.params)}
         self.block_params = [torch.tensor([index[id(p)] for p in b.parameters()]) for b in blocks]
@@ -157,7 +160,10 @@ class BAARA:
     @torch.no_grad()
     def finish(self):
         """After optimizer.step(): v_b = -(g_ref . delta_theta) / C_b (eq. 65), read by the next act()."""
-        decrease = torch.dot(self.g_ref, self.theta_before - flat(self.params))
+        delta = self.theta_before  # minus theta, in place: no parameter-sized temporaries
+        torch._foreach_sub_(delta.split(self.numels),
+                            [local(p.detach()).reshape(-1) for p in self.params])
+        decrease = torch.dot(self.g_ref, delta)
         if self.sharded:  # each rank has its shards' part of the dot product
             torch.distributed.all_reduce(decrease)
         self.pending = decrease.double() / self.last['C']
@@ -212,7 +218,9 @@ class BAARA:
         self.model.eval()
         self.model.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            self.model(x[:n], y[:n])[1].backward()
+            with self.ctx:
+                loss = self.model(x[:n], y[:n])[1]
+            loss.backward()
         self.g_ref = flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
         self.model.zero_grad(set_to_none=True)
         self.model.train()
@@ -252,7 +260,7 @@ class BAARA:
     def state_dict(self, keep=True):
         """g_ref whole, one tensor per parameter. Under FSDP a collective (gathered one parameter at
         a time): every rank calls it, and ranks that do not save pass keep=False."""
-        parts = self.g_ref.split([local(p).numel() for p in self.params])
+        parts = self.g_ref.split(self.numels)
         wholes = (whole(part, p) for part, p in zip(parts, self.params))  # one at a time
         g_ref = [g.cpu() if keep else None for g in wholes]
         return {**{k: getattr(self, k) for k in SAVED}, 'g_ref': g_ref, 'gen': self.gen.get_state(),

@@ -59,7 +59,7 @@ class Setup:
         self.baara, self.period = None, 1
         if c['baara']:
             reference = lambda g: train.batch(self.ids, c, self.tok, g, self.device)
-            self.baara = BAARA(self.model, self.ids, c['seed'], reference, c['baara_cost'])
+            self.baara = BAARA(self.model, self.ids, c['seed'], reference, c['baara_cost'], self.ctx)
             self.period = REF_EVERY
         self.forward = torch.compile(self.model) if c['compile'] else self.model
         self.gen = torch.Generator().manual_seed(b['seed'])
@@ -191,6 +191,8 @@ def main(argv):
     b, _ = parse_flags(BENCH, argv)
     if b['threads'] > 0:
         torch.set_num_threads(b['threads'])
+    if b['device'].startswith('cuda:'):
+        torch.cuda.set_device(b['device'])  # the current GPU: what sync() waits for and machine() names
     print(machine(b))
     ids, _, tok, corpus_text, corpus = load_data('synthetic', 'word')
     data = (ids, tok)

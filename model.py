@@ -275,11 +275,10 @@ def mask_tokens(idx, mask_id, vocab_size, generator=None):
     u = torch.rand(idx.shape, generator=generator, device=idx.device)
     chosen = u < 0.15
     action = torch.rand(idx.shape, generator=generator, device=idx.device)
-    inputs = idx.clone()
-    inputs[chosen & (action < 0.8)] = mask_id
+    inputs = idx.masked_fill(chosen & (action < 0.8), mask_id)
     rand_pos = chosen & (action >= 0.8) & (action < 0.9)
     random_tokens = torch.randint(vocab_size, idx.shape, generator=generator, device=idx.device)
-    inputs[rand_pos] = random_tokens[rand_pos]
+    inputs = torch.where(rand_pos, random_tokens, inputs)  # not inputs[rand_pos] = ...: no GPU sync
     targets = torch.where(chosen, idx, torch.full_like(idx, -1))
     return inputs, targets
 
@@ -291,7 +290,8 @@ def config_for(size, vocab_size, block_size, **overrides):
                      block_size=block_size, causal=not size.startswith('bert'), **overrides)
 
 
-PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}  # dense bf16 FLOP/s, by GPU name
+PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12,  # dense bf16 FLOP/s,
+              'A100': 312e12}  # by GPU name; the first name found in torch.cuda.get_device_name() wins
 
 
 def peak_flops(device_name):

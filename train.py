@@ -16,6 +16,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from datetime import timedelta
 
 import torch
 from torch.distributed import destroy_process_group, init_process_group
@@ -144,14 +145,15 @@ def estimate_loss(model, splits, c, tok, device, ctx):
 def main(argv):
     c = get_config(argv)
     ddp = int(os.environ.get('RANK', -1)) != -1
-    if ddp:
-        init_process_group(backend='nccl' if c['device'].startswith('cuda') else 'gloo')
+    if ddp:  # rank 0 alone saves (multi-GB at 1B-3B) and samples at the end while the others wait
+        init_process_group(backend='nccl' if c['device'].startswith('cuda') else 'gloo', timeout=timedelta(hours=1))
         rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
         if c['device'].startswith('cuda'):
             c['device'] = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(c['device'])
     else:
         rank, world = 0, 1
+    if c['device'].startswith('cuda:'):
+        torch.cuda.set_device(c['device'])  # the current GPU, which CUDA events, syncs and fork_rng use
     fsdp = c['fsdp']
     if fsdp and not ddp:
         raise SystemExit("error: fsdp=True needs torchrun, e.g. torchrun --standalone --nproc_per_node=2 train.py --fsdp=True")
@@ -190,6 +192,7 @@ def main(argv):
         model = build_fsdp(config, device, world, c['dtype'])
         if state is None:
             model.init_weights()  # on the local shards
+            torch.cuda.manual_seed(c['seed'] + rank)  # on a GPU, DTensor's init gave every rank rank 0's generator
         else:  # the whole state dict, read from rank 0's copy (every rank maps the file, none copies it)
             set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
@@ -201,7 +204,7 @@ def main(argv):
     names = {p: n for n, p in model.named_parameters()}
     fqns = [names[p] for g in optimizer.param_groups for p in g['params']]  # the optimizer state's int keys
     psu = PSU(model.parameters(), c['psu_lambda'], c['psu_beta'], c['psu_channels'], tok.eot)
-    baara = (BAARA(model, train_ids, c['seed'], lambda g: batch(train_ids, c, tok, g, device), c['baara_cost'])
+    baara = (BAARA(model, train_ids, c['seed'], lambda g: batch(train_ids, c, tok, g, device), c['baara_cost'], ctx)
              if c['baara'] else None)
     diagnostics = Diagnostics()
     iter_num = 0
@@ -393,7 +396,8 @@ def stop_nonfinite(iter_num, c):
 
 def finish(model, tok, corpus, corpus_text, val_ids, diagnostics, c, device, ctx):
     """End of run: samples to samples.txt, metrics and the stability verdict to report.json."""
-    texts = sample_texts(model, tok, c['num_samples'], c['sample_tokens'], device=device, seed=c['seed'])
+    with ctx:
+        texts = sample_texts(model, tok, c['num_samples'], c['sample_tokens'], device=device, seed=c['seed'])
     with open(os.path.join(c['out_dir'], 'samples.txt'), 'w') as f:
         f.write('\n=====\n'.join(texts))
     verdict = diagnostics.verdict()

@@ -90,6 +90,16 @@ def test_measured_cost_leaves_out_each_keeps_first_step():
     assert baara.complexity(1.0) == pytest.approx(0.5)
 
 
+def test_reference_gradient_runs_under_the_training_autocast():
+    """g_ref (eq. 65) is computed under the ctx train.py passes: bf16 on a GPU, where float32
+    would cost many times the 2.5% of a step that REF_FRACTION buys."""
+    fp32 = BAARA(tiny_model(), list(range(11)), 0, lambda g: fixed_batch()).g_ref
+    bf16 = BAARA(tiny_model(), list(range(11)), 0, lambda g: fixed_batch(),
+                 ctx=torch.autocast('cpu', dtype=torch.bfloat16)).g_ref
+    assert fp32.dtype == bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)
+    assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > 0.99
+
+
 def test_reinforce_raises_the_probability_of_a_rewarded_action():
     baara = BAARA(tiny_model(), list(range(11)), 0, lambda g: fixed_batch())
     s = torch.randn(len(B.FEATURES), dtype=torch.float64)

@@ -272,6 +272,18 @@ def test_count_params_does_not_allocate():
     assert M.count_params(M.config_for('tiny', 50, 16)) == GPT(M.config_for('tiny', 50, 16)).get_num_params()
 
 
+def test_mfu_counts_palm_flops_per_token_against_the_gpu_peak():
+    """GPT-2 124M at context 1024: 6N + 12*L*H*Q*T = 6 * 123,653,376 (the parameters less the
+    position table) + 12*12*12*64*1024 = 855,166,464 FLOPs a token (PaLM, App. B)."""
+    with torch.device('meta'):
+        m = GPT(M.config_for('gpt2', 50257, 1024))
+    assert m.get_num_params() == 124_439_808
+    assert m.estimate_mfu(1e5, 989e12) == pytest.approx(855_166_464 * 1e5 / 989e12)
+    names = ('NVIDIA H100 80GB HBM3', 'NVIDIA H100 PCIe', 'NVIDIA H100 NVL', 'NVIDIA H200', 'NVIDIA A100-SXM4-80GB')
+    assert [M.peak_flops(n) for n in names] == [989e12, 756e12, 835e12, 989e12, 312e12]
+    assert M.peak_flops('NVIDIA GeForce RTX 4090') is None  # no MFU rather than a wrong one
+
+
 # ---------------------------------------------------------------- GPT-2 weights
 
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
