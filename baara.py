@@ -43,7 +43,8 @@ import time
 import numpy as np
 import torch
 
-from stabilize import DTensor, NextTokenStats, copy_full_, flat, local, whole
+from distributed import copy_full_, flat, is_sharded, local, mean_over_ranks_, sum_shards_, whole
+from stabilize import NextTokenStats
 
 ALPHAS = (0.25, 0.5, 1.0, 2.0)         # learning-rate factors alpha_b (eq. 69)
 SCOPES = ('all', 'top')                # which blocks update: all, or the upper half
@@ -96,7 +97,7 @@ class BAARA:
         self.model, self.cost, self.reference, self.ctx = model, cost, reference, ctx
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.numels = [local(p).numel() for p in self.params]  # of this rank's parts of the flat vectors
-        self.sharded = any(isinstance(p, DTensor) for p in self.params)
+        self.sharded = is_sharded(self.params)
         blocks, index = model.transformer.h, {id(p): i for i, p in enumerate(self.params)}
         self.block_params = [torch.tensor([index[id(p)] for p in b.parameters()]) for b in blocks]
         self.block_numel = [sum(p.numel() for p in b.parameters()) for b in blocks]
@@ -164,8 +165,7 @@ class BAARA:
         torch._foreach_sub_(delta.split(self.numels),
                             [local(p.detach()).reshape(-1) for p in self.params])
         decrease = torch.dot(self.g_ref, delta)
-        if self.sharded:  # each rank has its shards' part of the dot product
-            torch.distributed.all_reduce(decrease)
+        sum_shards_(decrease, self.sharded)  # FSDP: each rank has its shards' part of the dot product
         self.pending = decrease.double() / self.last['C']
         self.step += 1
         if self.step % REF_EVERY == 0:
@@ -175,16 +175,13 @@ class BAARA:
         """The raw state (FEATURES) and the last step's v_b: BAARA's one host sync per step."""
         sq = torch.stack(torch._foreach_norm([local(p.grad) if p.grad is not None else local(p).new_zeros(())
                                               for p in self.params])) ** 2
-        if self.sharded:  # each rank has its shards' part of every |g_i|^2
-            torch.distributed.all_reduce(sq)
+        sum_shards_(sq, self.sharded)  # FSDP: each rank has its shards' part of every |g_i|^2
         fisher = torch.stack([sq[ix].sum() / n for ix, n in zip(self.block_params, self.block_numel)])
         fisher = fisher.clamp_min(1e-30).log()                               # log mean g^2 of each block
         loss, entropy, rarity = self.micro / self.n_micro
         packed = torch.stack([sq.sum().sqrt().log(), loss, rarity, fisher.mean(), fisher.max(), entropy,
                               self.pending.to(sq)]).double()
-        if torch.distributed.is_initialized():  # the same state, so the same action, on every rank
-            torch.distributed.all_reduce(packed)
-            packed /= torch.distributed.get_world_size()
+        mean_over_ranks_(packed)  # the same state, so the same action, on every rank
         g, loss, rarity, f_mean, f_max, entropy, v = packed.tolist()
         change = 0.0 if self.loss_avg is None else loss - self.loss_avg
         self.loss_avg = loss if self.loss_avg is None else 0.9 * self.loss_avg + 0.1 * loss

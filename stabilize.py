@@ -25,10 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-try:  # FSDP's parameters are DTensors (shards); the helpers below treat them and plain tensors alike
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # a torch built without torch.distributed
-    DTensor = ()
+from distributed import copy_full_, full_tensor, gather_to_cpu
 
 SCALE_FLOOR = 0.05
 
@@ -88,12 +85,8 @@ class PSU:
         return out
 
     def state_dict(self, keep=True):
-        """The EMA whole, on the CPU. Under FSDP a collective (gathered one tensor at a time): every
-        rank must call it, and ranks that do not save pass keep=False to drop each one at once."""
-        ema = None if self.ema is None else []
-        for e in self.ema or []:
-            whole = full_tensor(e)
-            ema.append(whole.cpu() if keep else None)
+        """The EMA whole, on the CPU (under FSDP a collective: see distributed.gather_to_cpu)."""
+        ema = None if self.ema is None else gather_to_cpu(self.ema, keep)
         return {'ref': self.ref, 'var': self.var, 'ema': ema}
 
     def load_state_dict(self, state):
@@ -136,37 +129,6 @@ class NextTokenStats(torch.autograd.Function):
 def global_norm(tensors):
     """||concat(tensors)||_2 as a 0-dim tensor (no host sync); over all shards for FSDP's DTensors."""
     return full_tensor(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))))
-
-
-def full_tensor(t):
-    """The whole tensor behind a DTensor (a collective: every rank must call it); t itself otherwise."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def local(t):
-    """This rank's shard of a DTensor; t itself otherwise."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def flat(tensors):
-    """The tensors (this rank's shards of DTensors), detached, flattened, concatenated: a copy."""
-    return torch.cat([local(t.detach()).reshape(-1) for t in tensors])
-
-
-def whole(part, like):
-    """The whole tensor shaped like `like`, given `part`: its flat local shard if `like` is a
-    DTensor (then a collective: every rank must call it), or all of it otherwise."""
-    if not isinstance(like, DTensor):
-        return part.view(like.shape)
-    return DTensor.from_local(part.view(local(like).shape), like.device_mesh, like.placements,
-                              shape=like.shape, stride=like.stride()).full_tensor()
-
-
-def copy_full_(dst, src):
-    """dst.copy_(src), where dst may be this rank's DTensor shard of the whole tensor src; returns dst."""
-    if isinstance(dst, DTensor):
-        src = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements, src_data_rank=None)
-    return dst.copy_(src)
 
 
 class Diagnostics:

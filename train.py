@@ -32,7 +32,8 @@ from data import get_batch, load_data, tokenizer_from_state
 from metrics import evaluate, summary
 from model import GPT, GPTConfig, SIZES, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_tokens, peak_flops
 from sample import sample_texts
-from stabilize import PSU, Diagnostics, full_tensor, param_norm, update_norm
+from distributed import full_tensor
+from stabilize import PSU, Diagnostics, param_norm, update_norm
 
 DEFAULTS = dict(
     # I/O
