@@ -254,12 +254,12 @@ class BAARA:
 
     # ---- checkpoints: all that the next steps read, so that a resumed run takes the same actions
 
-    def state_dict(self, keep=True):
+    def state_dict(self, saving=True):
         """g_ref whole, one tensor per parameter. Under FSDP a collective (gathered one parameter at
-        a time): every rank calls it, and ranks that do not save pass keep=False."""
+        a time): every rank calls it, and ranks that do not save pass saving=False."""
         parts = self.g_ref.split(self.numels)
         wholes = (whole(part, p) for part, p in zip(parts, self.params))  # one at a time
-        g_ref = [g.cpu() if keep else None for g in wholes]
+        g_ref = [g.cpu() if saving else None for g in wholes]
         return {**{k: getattr(self, k) for k in SAVED}, 'g_ref': g_ref, 'gen': self.gen.get_state(),
                 'ref_gen': self.ref_gen.get_state()}
 
@@ -283,6 +283,7 @@ def theorem_b1(seed, steps=300, noise=1 / 3, blind=False):
     noisy batches over the second half. blind=True: the policy sees a zeroed state (a control)."""
     from data import get_batch, load_data
     from model import GPT, GPTConfig
+    from train import train_step
     torch.manual_seed(seed)
     ids, _, tok, _, _ = load_data('synthetic', 'word', n_sentences=20_000)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=tok.vocab_size))
@@ -295,15 +296,7 @@ def theorem_b1(seed, steps=300, noise=1 / 3, blind=False):
         x, y = batch(gen)
         noisy = torch.rand((), generator=gen).item() < noise
         y = torch.randint(tok.vocab_size, y.shape, generator=gen) if noisy else y
-        baara.start()
-        logits, loss = model(x, y)
-        baara.observe(logits, y, loss)
-        loss.backward()
-        baara.act(optimizer, 3e-3)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        baara.finish()
+        train_step(model, optimizer, lambda: (x, y), 3e-3, baara=baara, grad_clip=1.0)
         if step >= steps // 2:
             alphas[noisy].append(baara.last['expected_alpha'])
     return sum(alphas[False]) / len(alphas[False]), sum(alphas[True]) / len(alphas[True])

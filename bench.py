@@ -7,11 +7,10 @@ Speed of the paper's units, as ratios that hold on any machine, all from one run
 
 Each row steps two training setups alternately (A, B, A, B, ...) and reports the median of B's
 step time over that of the A step just before it, so that a busy machine, or one whose speed
-drifts, slows both alike. A step is what train.py's loop does per iteration: batch -> forward
-(+ PSU's feedback loss) -> backward -> (BAARA's act) -> clip -> AdamW -> (BAARA's finish) ->
-(PSU's pull). The loop body is mirrored here, not imported (train.py's loop is one function, and
-the logged-step extras every log_interval are left out). Setups with periodic work (BAARA's
-reference gradient every REF_EVERY steps) are timed over whole periods.
+drifts, slows both alike. A step is train.train_step, the step train.py's loop takes: batch ->
+forward (+ PSU's feedback loss) -> backward -> (BAARA's act) -> clip -> AdamW -> (BAARA's finish)
+-> (PSU's pull); the logged-step extras every log_interval are left out. Setups with periodic
+work (BAARA's reference gradient every REF_EVERY steps) are timed over whole periods.
 On a GPU it adds torch.compile against eager, tokens/s and MFU at GPT-2 size (124M, bf16).
 """
 import os
@@ -54,7 +53,6 @@ class Setup:
         self.model = GPT(config).to(self.device)
         self.optimizer = self.model.configure_optimizers(c['weight_decay'], c['learning_rate'],
                                                          (c['beta1'], c['beta2']), device_type)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.psu = PSU(self.model.parameters(), c['psu_lambda'], c['psu_beta'], c['psu_channels'], self.tok.eot)
         self.baara, self.period = None, 1
         if c['baara']:
@@ -66,29 +64,10 @@ class Setup:
         self.tokens = c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
 
     def step(self):
-        c, accum = self.c, self.c['gradient_accumulation_steps']
-        if self.baara:
-            self.baara.start()
-        for _ in range(accum):
-            x, y = train.batch(self.ids, c, self.tok, self.gen, self.device)
-            with self.ctx:
-                logits, loss = self.forward(x, y)
-                feedback = self.psu.feedback_loss(logits, y) if self.psu.stats_on else None  # eq. 61
-                if self.baara:  # H_b: PSU's statistics channel has it already when on
-                    self.baara.observe(logits, y, loss, None if feedback is None else self.psu.last['stats'][0])
-                if feedback is not None:
-                    loss = loss + feedback
-                loss = loss / accum
-            loss.backward()
-        if self.baara:
-            self.baara.act(self.optimizer, c['learning_rate'])
-        torch.nn.utils.clip_grad_norm_(self.params, c['grad_clip'])
-        self.optimizer.step()
-        if self.baara:
-            self.baara.finish()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.psu.params_on:
-            self.psu.pull()
+        c = self.c
+        train.train_step(self.forward, self.optimizer, lambda: train.batch(self.ids, c, self.tok, self.gen, self.device),
+                         c['learning_rate'], self.psu, self.baara, c['gradient_accumulation_steps'], c['grad_clip'],
+                         self.ctx)
 
 
 class MLPSetup:

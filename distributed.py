@@ -11,6 +11,12 @@ import os
 from datetime import timedelta
 
 import torch
+from torch.distributed import destroy_process_group, init_process_group
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 try:  # FSDP's parameters are DTensors (shards)
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -71,11 +77,131 @@ def mean_over_ranks_(t):
     return t
 
 
-def gather_to_cpu(tensors, keep=True):
+def gather_to_cpu(tensors, saving=True):
     """Each tensor whole, on the CPU, for a checkpoint. Under FSDP a collective, gathered one tensor
-    at a time: every rank calls it, and ranks that do not save pass keep=False to drop each at once."""
+    at a time: every rank calls it, and ranks that do not save pass saving=False to drop each at once."""
     out = []
     for t in tensors:
         t = full_tensor(t)
-        out.append(t.cpu() if keep else None)
+        out.append(t.cpu() if saving else None)
     return out
+
+
+# -----------------------------------------------------------------------------
+# processes: one, or many under torchrun
+
+def setup(device, fsdp):
+    """-> (rank, world size, device). Under torchrun: one process group (nccl on GPUs, gloo on CPUs)
+    and this process's GPU; otherwise rank 0 of 1. The timeout is an hour, because rank 0 alone
+    writes multi-GB checkpoints at 1B-3B and samples at the end while the others wait."""
+    rank, world = 0, 1
+    if 'RANK' in os.environ:
+        init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo', timeout=timedelta(hours=1))
+        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        if device.startswith('cuda'):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+    elif fsdp:
+        raise SystemExit("error: fsdp=True needs torchrun, e.g. torchrun --standalone --nproc_per_node=2 train.py --fsdp=True")
+    if device.startswith('cuda:'):
+        torch.cuda.set_device(device)  # the current GPU, which CUDA events, syncs and fork_rng use
+    return rank, world, device
+
+
+def teardown():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the other ranks wait for rank 0's report: exiting early can hang gloo
+        destroy_process_group()
+
+
+def wrap_ddp(model, device):
+    """DDP over the ranks (without torchrun, or under FSDP, the model as it is)."""
+    if not torch.distributed.is_initialized() or is_sharded(model.parameters()):
+        return model
+    return DDP(model, device_ids=[torch.cuda.current_device()] if device.startswith('cuda') else None)
+
+
+def sync_gradients(model, on):
+    """Gradient accumulation: DDP all-reduces, and FSDP reduce-scatters, on the last micro-step only."""
+    if isinstance(model, DDP):
+        model.require_backward_grad_sync = on
+    model = getattr(model, '_orig_mod', model)  # under torch.compile
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(on)
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] on one process."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# FSDP2: sharded model and optimiser, whole state dicts in one checkpoint file
+
+def build_fsdp(config, device, world, dtype='float32'):
+    """FSDP2 without ever holding the whole model: build on the meta device, fully_shard each Block
+    then the root (tied wte/lm_head stay one parameter), then allocate only this rank's shards.
+    With bfloat16 the shards are gathered in bf16 (half the traffic) and the gradients reduced in
+    float32; the optimiser, PSU and BAARA keep working on the float32 shards."""
+    from model import GPT
+    with torch.device('meta'):
+        model = GPT(config)
+    mesh = init_device_mesh(device.split(':')[0], (world,))
+    bf16 = dtype == 'bfloat16'
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model.to_empty(device=device)
+
+
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)          # gathered onto rank 0's CPU
+FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+
+
+def whole_state_dicts(model, optimizer):
+    """The model's and optimiser's state dicts, whole (a collective under FSDP: every rank calls it;
+    rank 0 gets them). The optimiser's keys are parameter indices, as without FSDP."""
+    if not is_sharded(model.parameters()):
+        return model.state_dict(), optimizer.state_dict()
+    model_state = get_model_state_dict(model, options=WHOLE)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=WHOLE)
+    if torch.distributed.get_rank() != 0:
+        return model_state, None
+    return model_state, rekey(optim_state, {n: i for i, n in enumerate(optimizer_fqns(model, optimizer))})
+
+
+def load_sharded_model(model, model_state):
+    """Load a whole state dict into FSDP's shards, read from rank 0's copy (every rank maps the file,
+    none copies it)."""
+    set_model_state_dict(model, model_state, options=FROM_RANK0)
+
+
+def load_optimizer(model, optimizer, optim_state):
+    if not is_sharded(model.parameters()):
+        return optimizer.load_state_dict(optim_state)
+    set_optimizer_state_dict(model, optimizer, rekey(optim_state, optimizer_fqns(model, optimizer)), options=FROM_RANK0)
+
+
+def whole_model_state(model):
+    """The whole model's state dict on rank 0's CPU (a collective under FSDP)."""
+    return get_model_state_dict(model, options=WHOLE)
+
+
+def optimizer_fqns(model, optimizer):
+    """The parameter names in the optimiser's order: its state's int keys, as FSDP's API names them."""
+    names = {p: n for n, p in model.named_parameters()}
+    return [names[p] for g in optimizer.param_groups for p in g['params']]
+
+
+def rekey(optim_state, keys):
+    """An optimizer state dict with its parameter keys mapped by keys: int index <-> FQN (FSDP's API)."""
+    return {'state': {keys[k]: v for k, v in optim_state['state'].items()},
+            'param_groups': [{**g, 'params': [keys[k] for k in g['params']]} for g in optim_state['param_groups']]}
+
+
+def is_rank0():
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

@@ -8,7 +8,7 @@ The paper never writes PSU down; it is a first-order negative feedback system (e
 
 that "stabilises internal generation statistics" and "biases parameter trajectories toward
 asymptotic boundedness and vanishing gradients". We build exactly those two things, as two
-channels sharing one gain lambda (DESIGN.md, "PSU, concretely"):
+channels sharing one gain lambda (the paper leaves the rest open; this is our reading):
 
 1. stats: s_t = (mean predictive entropy, mean log-partition, mean end-of-text probability) of
    the training forward pass, with gradient. r_t = EMA of the detached s (decay beta, r_0 = s_0).
@@ -84,13 +84,17 @@ class PSU:
             out['psu_pull_norm'] = self.last['pull_norm'].item()
         return out
 
-    def state_dict(self, keep=True):
-        """The EMA whole, on the CPU (under FSDP a collective: see distributed.gather_to_cpu)."""
-        ema = None if self.ema is None else gather_to_cpu(self.ema, keep)
-        return {'ref': self.ref, 'var': self.var, 'ema': ema}
+    def state_dict(self, saving=True):
+        """'ref', 'var': this rank's statistics reference, on the CPU (each rank sees its own batches,
+        so a checkpoint keeps one per rank); 'ema': the parameter EMA whole, on the CPU (under FSDP
+        a collective: see distributed.gather_to_cpu)."""
+        ref, var = (None if t is None else t.cpu() for t in (self.ref, self.var))
+        ema = None if self.ema is None else gather_to_cpu(self.ema, saving)
+        return {'ref': ref, 'var': var, 'ema': ema}
 
     def load_state_dict(self, state):
-        self.ref, self.var = state['ref'], state['var']
+        device = self.params[0].device
+        self.ref, self.var = (None if t is None else t.to(device, copy=True) for t in (state['ref'], state['var']))
         if self.params_on and state['ema'] is not None:
             for e, s in zip(self.ema, state['ema']):
                 copy_full_(e, s)
@@ -135,7 +139,9 @@ class Diagnostics:
     """Definition 3.1, measured: ||theta_t|| (bounded), ||g_t|| -> 0, ||theta_t - theta_{t-1}|| -> 0,
     plus the smoothness of the loss curve.
 
-    record() is called at every eval with the numbers of the step just taken. verdict() judges
+    record() is called at every eval with ||theta|| now, ||g|| of the step just taken and the update
+    norm of the latest logged step (measuring it needs a parameter copy, so train.py takes it every
+    log_interval steps only: an eval right after a logged step repeats its update norm). verdict() judges
     the last half of the records (at least 4 are needed): the run is "stable" when
       (1) bounded: the largest parameter norm in the last half is at most 1.1 x the first one;
       (2) vanishing gradients: the gradient-norm trend (least-squares slope of log ||g|| per

@@ -16,23 +16,16 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
-from datetime import timedelta
 
 import torch
-from torch.distributed import destroy_process_group, init_process_group
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.nn.parallel import DistributedDataParallel as DDP
 
+import distributed
 from baara import BAARA
 from configurator import parse_flags
 from data import get_batch, load_data, tokenizer_from_state
 from metrics import evaluate, summary
 from model import GPT, GPTConfig, SIZES, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_tokens, peak_flops
 from sample import sample_texts
-from distributed import full_tensor
 from stabilize import PSU, Diagnostics, param_norm, update_norm
 
 DEFAULTS = dict(
@@ -81,12 +74,16 @@ def get_config(argv):
             raise SystemExit(f"error: {path!r} is not a checkpoint written by train.py (it has no config)")
         saved = saved['config']
         config = {**DEFAULTS, **saved, **{k: config[k] for k in given}}  # keys newer than the checkpoint: defaults
-    elif 'size' in given:
-        for key, value in zip(('n_layer', 'n_head', 'n_embd'), SIZES[config['size']]):
-            config[key] = config[key] if key in given else value
     for key, valid in CHOICES.items():
         if config[key] not in valid:
             raise SystemExit(f"error: {key}={config[key]!r} is not one of {', '.join(valid)}")
+    if 'size' in given and config['init_from'] != 'resume':
+        for key, value in zip(('n_layer', 'n_head', 'n_embd'), SIZES[config['size']]):
+            config[key] = config[key] if key in given else value
+        if config['size'].startswith('bert'):  # a BERT size is a bidirectional masked LM
+            if 'model' in given and config['model'] != 'bert':
+                raise SystemExit(f"error: size={config['size']} is a BERT size; use --model=bert or a gpt2 size")
+            config['model'] = 'bert'
     if not 0 < config['dmu_p'] <= 1 or not 0 < config['dtu_r'] <= 1:
         raise SystemExit("error: dmu_p and dtu_r must be in (0, 1]")
     return config
@@ -143,251 +140,267 @@ def estimate_loss(model, splits, c, tok, device, ctx):
     return out
 
 
+def train_step(model, optimizer, next_batch, lr, psu=None, baara=None, accum=1, grad_clip=1.0,
+               ctx=nullcontext(), measure=False):
+    """One optimisation step, the one that train.py's loop, bench.py and baara.theorem_b1 all take.
+    next_batch() -> (x, y) is called once per micro-step; grad_clip 0 is no clipping; measure
+    (logged steps) also keeps PSU's pull norm. Returns the last micro-batch's loss (PSU's feedback
+    included), the gradient norm before clipping, and that micro-batch's logits and targets."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    if baara:
+        baara.start()  # the clock for C_b (eq. 63)
+
+    # ---- forward, PSU feedback (eq. 61), backward: gradients accumulate over accum micro-batches
+    for micro_step in range(accum):
+        distributed.sync_gradients(model, micro_step == accum - 1)
+        x, y = next_batch()
+        with ctx:
+            logits, loss = model(x, y)
+            feedback = psu.feedback_loss(logits, y) if psu and psu.stats_on else None  # eq. 61
+            if baara:  # H_b (eq. 67): PSU's statistics channel has it already when on
+                baara.observe(logits, y, loss, None if feedback is None else psu.last['stats'][0])
+            if feedback is not None:
+                loss = loss + feedback
+        (loss / accum).backward()
+
+    # ---- BAARA's action (eq. 69), clip, step
+    if baara:  # state -> action: lr = alpha_b * eta, the inactive blocks' gradients dropped
+        baara.act(optimizer, lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf))
+    optimizer.step()
+    if baara:
+        baara.finish()  # v_b (eq. 65), read by the next step's act()
+    optimizer.zero_grad(set_to_none=True)
+
+    # ---- PSU's pull: theta <- theta + lambda * (theta_bar - theta), the parameter channel
+    if psu and psu.params_on:
+        psu.pull(measure=measure)
+    return loss, grad_norm, logits, y
+
+
 def main(argv):
     c = get_config(argv)
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    if ddp:  # rank 0 alone saves (multi-GB at 1B-3B) and samples at the end while the others wait
-        init_process_group(backend='nccl' if c['device'].startswith('cuda') else 'gloo', timeout=timedelta(hours=1))
-        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        if c['device'].startswith('cuda'):
-            c['device'] = f"cuda:{os.environ['LOCAL_RANK']}"
-    else:
-        rank, world = 0, 1
-    if c['device'].startswith('cuda:'):
-        torch.cuda.set_device(c['device'])  # the current GPU, which CUDA events, syncs and fork_rng use
-    fsdp = c['fsdp']
-    if fsdp and not ddp:
-        raise SystemExit("error: fsdp=True needs torchrun, e.g. torchrun --standalone --nproc_per_node=2 train.py --fsdp=True")
-    master = rank == 0
-    device = c['device']
-    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    torch.manual_seed(c['seed'] + rank)
-    gen = torch.Generator().manual_seed(c['seed'] + rank)  # the training batches
+    rank, world, c['device'] = distributed.setup(c['device'], c['fsdp'])
+    device, master = c['device'], rank == 0
+    torch.manual_seed(c['seed'] + rank)                         # DMU/DTU draws, dropout, BERT's masks
+    data_gen = torch.Generator().manual_seed(c['seed'] + rank)  # which windows this rank trains on
     ctx = autocast_context(c['dtype'], device)
 
-    # ---- data and model
-    resuming = c['init_from'] == 'resume'
-    ckpt = load_checkpoint(os.path.join(c['out_dir'], CKPT)) if resuming else None
-    gpt2_weights = None
-    if c['init_from'] not in ('scratch', 'resume'):
-        model_args, gpt2_weights = load_gpt2_state_dict(load_checkpoint(c['init_from']))
-        if c['tokenizer'] not in ('auto', 'gpt2'):
-            raise SystemExit("error: GPT-2 weights need tokenizer=gpt2 (the full 50257-token vocabulary)")
-        c['tokenizer'] = 'gpt2'
+    # ---- data and model: from scratch, from GPT-2's weights, or resumed from out_dir
+    ckpt = load_checkpoint(checkpoint_path(c)) if c['init_from'] == 'resume' else None
+    gpt2_args, gpt2_weights = load_gpt2(c) if c['init_from'] not in ('scratch', 'resume') else (None, None)
     train_ids, val_ids, tok, corpus_text, corpus = load_data(c['data'], c['tokenizer'])
-    if ckpt is not None and tokenizer_from_state(ckpt['tokenizer']).state() != tok.state():
-        raise SystemExit(f"error: checkpoint in {c['out_dir']!r} was trained with another tokenizer or data")
-    if len(val_ids) <= c['block_size'] + 1:
-        raise SystemExit(f"error: the data has {len(train_ids) + len(val_ids)} tokens, too few for block_size {c['block_size']}")
-    vocab_size = tok.vocab_size + (c['model'] == 'bert')  # BERT's [MASK] is the last id
-    units = dict(dropout=c['dropout'], dmu_p=c['dmu_p'], dmu_mode=c['dmu_mode'], dtu_r=c['dtu_r'])
-    if gpt2_weights is not None:  # crop the position table to block_size, as nanoGPT does
-        block_size = min(c['block_size'], model_args.block_size)
-        gpt2_weights['transformer.wpe.weight'] = gpt2_weights['transformer.wpe.weight'][:block_size]
-        config = GPTConfig(**{**asdict(model_args), **units, 'block_size': block_size})
-    else:
-        config = GPTConfig(n_layer=c['n_layer'], n_head=c['n_head'], n_embd=c['n_embd'], block_size=c['block_size'],
-                           vocab_size=vocab_size, bias=c['bias'], causal=c['model'] == 'gpt', **units)
-    state = ckpt['model'] if ckpt is not None else gpt2_weights
-    if fsdp:
-        model = build_fsdp(config, device, world, c['dtype'])
-        if state is None:
-            model.init_weights()  # on the local shards
-            torch.cuda.manual_seed(c['seed'] + rank)  # on a GPU, DTensor's init gave every rank rank 0's generator
-        else:  # the whole state dict, read from rank 0's copy (every rank maps the file, none copies it)
-            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    else:
-        model = GPT(config)
-        if state is not None:
-            load_model_state(model, state, os.path.join(c['out_dir'], CKPT) if resuming else c['init_from'])
-        model.to(device)
-    optimizer = model.configure_optimizers(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']), device_type)
-    names = {p: n for n, p in model.named_parameters()}
-    fqns = [names[p] for g in optimizer.param_groups for p in g['params']]  # the optimizer state's int keys
-    psu = PSU(model.parameters(), c['psu_lambda'], c['psu_beta'], c['psu_channels'], tok.eot)
-    baara = (BAARA(model, train_ids, c['seed'], lambda g: batch(train_ids, c, tok, g, device), c['baara_cost'], ctx)
+    check_data(train_ids, val_ids, tok, ckpt, c)
+    config = model_config(c, tok.vocab_size + (c['model'] == 'bert'), gpt2_args)  # BERT's [MASK]: one more id
+    state, source = (ckpt['model'], checkpoint_path(c)) if ckpt is not None else (gpt2_weights, c['init_from'])
+    raw_model = build_model(config, state, source, c, world, rank)  # state None: freshly initialised
+    optimizer = raw_model.configure_optimizers(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']),
+                                               device.split(':')[0])
+    psu = PSU(raw_model.parameters(), c['psu_lambda'], c['psu_beta'], c['psu_channels'], tok.eot)
+    baara = (BAARA(raw_model, train_ids, c['seed'], lambda g: batch(train_ids, c, tok, g, device), c['baara_cost'], ctx)
              if c['baara'] else None)
     diagnostics = Diagnostics()
-    iter_num = 0
+    iter_num, latest = 0, fresh_latest()
     if ckpt is not None:
-        if fsdp:
-            set_optimizer_state_dict(model, optimizer, rekey(ckpt['optimizer'], fqns),
-                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        else:
-            optimizer.load_state_dict(ckpt['optimizer'])
-        psu.load_state_dict(ckpt['psu'])
-        ref_var = ckpt['psu'].get('ranks', [(psu.ref, psu.var)] * world)[rank]  # this rank's PSU reference
-        psu.ref, psu.var = (None if t is None else t.to(device) for t in ref_var)
-        diagnostics.load_state_dict(ckpt['diagnostics'])
-        if baara and ckpt.get('baara') is not None:
-            baara.load_state_dict(ckpt['baara'])
-        iter_num = ckpt['iter_num']
-        gen.set_state(ckpt['rng']['data'][rank])
-        torch.set_rng_state(ckpt['rng']['torch'][rank])
-        if device_type == 'cuda' and ckpt['rng'].get('cuda', [None] * world)[rank] is not None:
-            torch.cuda.set_rng_state(ckpt['rng']['cuda'][rank], device)
-    raw_model = model
-    if c['compile']:
-        model = torch.compile(model)
-    if ddp and not fsdp:
-        model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+        iter_num, latest = restore_checkpoint(ckpt, raw_model, optimizer, psu, baara, diagnostics, data_gen, device, rank)
+    model = torch.compile(raw_model) if c['compile'] else raw_model
+    model = distributed.wrap_ddp(model, device)
     if master:
         os.makedirs(c['out_dir'], exist_ok=True)
-        print(f"{c['model']}: {raw_model.get_num_params() / 1e6:.2f}M parameters, vocab {vocab_size} "
+        print(f"{c['model']}: {raw_model.get_num_params() / 1e6:.2f}M parameters, vocab {config.vocab_size} "
               f"({tok.name}), {len(train_ids):,} train / {len(val_ids):,} val tokens, {world} process(es) on {device}")
         if corpus is not None and tok.name == 'word':
             print(f"synthetic corpus: {len(corpus.templates)} modes, true entropy rate {corpus.entropy_rate():.4f} nats/token")
-    log_file = open(os.path.join(c['out_dir'], 'log.jsonl'), 'a' if resuming else 'w') if master else None
-
-    def save_checkpoint():
-        states = (gen.get_state(), torch.get_rng_state(), [None if t is None else t.cpu() for t in (psu.ref, psu.var)],
-                  torch.cuda.get_rng_state(device) if device_type == 'cuda' else None)  # DMU/DTU draw on the GPU
-        gathered = [states]
-        if ddp:  # every rank's RNG and PSU reference, so that a resumed run draws what the uninterrupted run drew
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, states)
-        rngs = [g[0] for g in gathered], [g[1] for g in gathered], [g[3] for g in gathered]
-        psu_state = dict(psu.state_dict(keep=master), ranks=[g[2] for g in gathered])  # a collective under FSDP
-        baara_state = baara.state_dict(keep=master) if baara else None                # so is this one
-        if fsdp:  # gathered whole onto rank 0's CPU: the same single-file checkpoint as without FSDP
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_state = get_model_state_dict(raw_model, options=opts)
-            optim_state = get_optimizer_state_dict(raw_model, optimizer, options=opts)
-            optim_state = rekey(optim_state, {n: i for i, n in enumerate(fqns)}) if master else None
-        else:
-            model_state, optim_state = raw_model.state_dict(), optimizer.state_dict()
-        if not master:
-            return
-        ckpt = dict(model=model_state, optimizer=optim_state, config=c,
-                    model_args=asdict(raw_model.config), iter_num=iter_num, tokenizer=tok.state(),
-                    psu=psu_state, diagnostics=diagnostics.state_dict(), baara=baara_state,
-                    rng=dict(data=rngs[0], torch=rngs[1], cuda=rngs[2]),
-                    loop=dict(recent_losses=recent_losses, grad_norm=float(grad_norm), last_update=float(last_update)))
-        path = os.path.join(c['out_dir'], CKPT)
-        torch.save(ckpt, path + '.tmp')
-        os.replace(path + '.tmp', path)  # atomic: a crash never leaves half a checkpoint
-
-    def log(row):
-        print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
-        log_file.write(json.dumps(row) + '\n')
-        log_file.flush()
+    log_file = open(os.path.join(c['out_dir'], 'log.jsonl'), 'a' if ckpt is not None else 'w') if master else None
 
     # ---- the training loop
     params = [p for p in raw_model.parameters() if p.requires_grad]
     tokens_per_iter = c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps'] * world
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device_type == 'cuda' else None  # for MFU
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    recent_losses, grad_norm, last_update = [], torch.zeros(()), torch.zeros(())
-    if ckpt is not None and 'loop' in ckpt:  # what the next eval's diagnostics need, as the unbroken run had it
-        recent_losses = list(ckpt['loop']['recent_losses'])
-        grad_norm, last_update = torch.tensor(ckpt['loop']['grad_norm']), torch.tensor(ckpt['loop']['last_update'])
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.startswith('cuda') else None  # for MFU
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked at evals: no host sync per step
     t_start = t_log = time.time()
     iter_start, steps_timed = iter_num, 0
     while True:
-        evaluated = resuming and iter_num == iter_start  # the saving run logged this eval already
-        if (iter_num % c['eval_interval'] == 0 or iter_num == c['max_iters']) and not evaluated:
+        # ---- eval and checkpoint: losses on fixed batches, a Def. 3.1 record, the checkpoint
+        logged_by_saver = ckpt is not None and iter_num == iter_start  # the run that saved it logged this eval
+        if (iter_num % c['eval_interval'] == 0 or iter_num == c['max_iters']) and not logged_by_saver:
             losses = estimate_loss(model, {'train': train_ids, 'val': val_ids}, c, tok, device, ctx)
             if nonfinite.item() or not all(math.isfinite(v) for v in losses.values()):
                 stop_nonfinite(iter_num, c)
-            diag = diagnostics.record(iter_num, param_norm(params).item(), float(grad_norm),
-                                      float(last_update), recent_losses)
+            diag = diagnostics.record(iter_num, param_norm(params).item(), float(latest['grad_norm']),
+                                      float(latest['update_norm']), latest['losses'])
             if master:
                 row = dict(**diag, train_loss=losses['train'], val_loss=losses['val'])
                 if corpus is not None and tok.name == 'word' and c['model'] == 'gpt':
                     row['entropy_rate'] = corpus.entropy_rate()
-                log(row)
+                log(log_file, row)
             if iter_num > iter_start:
-                save_checkpoint()
+                save_checkpoint(checkpoint_path(c), raw_model, optimizer, psu, baara, diagnostics, data_gen,
+                                iter_num, latest, tok, c)
             t_log, steps_timed = time.time(), 0  # eval time is not training throughput
         if iter_num == c['max_iters']:
             break
 
+        # ---- one step (train_step): forward, PSU feedback, backward, BAARA's action, AdamW, PSU's pull
         lr = get_lr(iter_num, c)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
         logging = iter_num % c['log_interval'] == 0
-        before = [p.detach().clone() for p in params] if logging else None
-        if baara:
-            baara.start()  # the clock for C_b (eq. 63)
-        for micro_step in range(c['gradient_accumulation_steps']):
-            if fsdp:  # reduce-scatter the gradients on the last micro-step only
-                raw_model.set_requires_gradient_sync(micro_step == c['gradient_accumulation_steps'] - 1)
-            elif ddp:
-                model.require_backward_grad_sync = micro_step == c['gradient_accumulation_steps'] - 1
-            x, y = batch(train_ids, c, tok, gen, device)
-            with ctx:
-                logits, loss = model(x, y)
-                feedback = psu.feedback_loss(logits, y) if psu.stats_on else None  # eq. 61
-                if baara:  # H_b: PSU's statistics channel has it already when on
-                    baara.observe(logits, y, loss, None if feedback is None else psu.last['stats'][0])
-                if feedback is not None:
-                    loss = loss + feedback
-                loss = loss / c['gradient_accumulation_steps']
-            loss.backward()
-        if baara:  # state -> action: lr = alpha_b * eta, the inactive blocks' gradients dropped (eq. 69)
-            baara.act(optimizer, lr)
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, c['grad_clip'] if c['grad_clip'] > 0 else float('inf')))
-        optimizer.step()
-        if baara:
-            baara.finish()  # v_b (eq. 65), read at the next act()
-        optimizer.zero_grad(set_to_none=True)
-        if psu.params_on:
-            psu.pull(measure=logging)
+        before = [p.detach().clone() for p in params] if logging else None  # for ||theta_t - theta_{t-1}||
+        loss, latest['grad_norm'], logits, y = train_step(
+            model, optimizer, lambda: batch(train_ids, c, tok, data_gen, device), lr, psu, baara,
+            c['gradient_accumulation_steps'], c['grad_clip'], ctx, measure=logging)
         nonfinite |= ~torch.isfinite(loss.detach())
         steps_timed += 1
 
+        # ---- log: this step's numbers (a host sync, so every log_interval steps only)
         if logging:
-            last_update = update_norm(params, before)
-            lossf = loss.item() * c['gradient_accumulation_steps']
+            latest['update_norm'] = update_norm(params, before)
+            lossf = loss.item()
             if not math.isfinite(lossf):
                 stop_nonfinite(iter_num, c)
-            recent_losses = (recent_losses + [lossf])[-50:]
+            latest['losses'] = (latest['losses'] + [lossf])[-50:]
             now = time.time()
             tok_s = tokens_per_iter * steps_timed / (now - t_log)
             eta = (now - t_start) / (iter_num + 1 - iter_start) * (c['max_iters'] - iter_num - 1)
             t_log, steps_timed = now, 0
             if master:
                 entropy = psu.statistics(logits.detach(), y)[0].item()  # for Fig. 3, with or without PSU
-                log(dict(iter=iter_num, loss=lossf, lr=lr, tok_per_s=round(tok_s), eta_s=round(eta), entropy=entropy,
-                         grad_norm=grad_norm.item(), update_norm=last_update.item(), **psu.log(), **(baara.log() if baara else {}),
-                         **({'mfu': raw_model.estimate_mfu(tok_s / world, peak)} if peak else {}),
-                         **({'peak_mem_gib': torch.cuda.max_memory_allocated(device) / 2**30} if device_type == 'cuda' else {})))
+                log(log_file, dict(iter=iter_num, loss=lossf, lr=lr, tok_per_s=round(tok_s), eta_s=round(eta),
+                                   entropy=entropy, grad_norm=latest['grad_norm'].item(),
+                                   update_norm=latest['update_norm'].item(), **psu.log(),
+                                   **(baara.log() if baara else {}), **device_stats(raw_model, tok_s / world, peak, device)))
         iter_num += 1
 
-    if fsdp:  # samples and metrics run on rank 0 alone: gather the whole model there
-        state = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if master:
-            with torch.device('meta'):
-                raw_model = GPT(config)
-            raw_model.to_empty(device=device).load_state_dict(state)
+    # ---- end of run: samples and metrics, on rank 0 alone
+    if c['fsdp']:
+        raw_model = unsharded(raw_model, config, device)
     if master:
         log_file.close()
         finish(raw_model, tok, corpus, corpus_text, val_ids, diagnostics, c, device, ctx)
-    if ddp:
-        torch.distributed.barrier()  # the other ranks wait for rank 0's report: exiting early can hang gloo
-        destroy_process_group()
+    distributed.teardown()
 
 
-def build_fsdp(config, device, world, dtype='float32'):
-    """FSDP2 without ever holding the whole model: build on the meta device, fully_shard each Block
-    then the root (tied wte/lm_head stay one parameter), then allocate only this rank's shards.
-    With bfloat16 the shards are gathered in bf16 (half the traffic) and the gradients reduced in
-    float32; the optimiser, PSU and BAARA keep working on the float32 shards."""
+def load_gpt2(c):
+    """init_from=PATH: GPT-2's weights -> (its GPTConfig, its state dict); the run takes GPT-2's tokenizer."""
+    if c['tokenizer'] not in ('auto', 'gpt2'):
+        raise SystemExit("error: GPT-2 weights need tokenizer=gpt2 (the full 50257-token vocabulary)")
+    c['tokenizer'] = 'gpt2'
+    return load_gpt2_state_dict(load_checkpoint(c['init_from']))
+
+
+def check_data(train_ids, val_ids, tok, ckpt, c):
+    if ckpt is not None and tokenizer_from_state(ckpt['tokenizer']).state() != tok.state():
+        raise SystemExit(f"error: checkpoint in {c['out_dir']!r} was trained with another tokenizer or data")
+    if len(val_ids) <= c['block_size'] + 1:
+        raise SystemExit(f"error: the data has {len(train_ids) + len(val_ids)} tokens, too few for block_size {c['block_size']}")
+
+
+def model_config(c, vocab_size, gpt2_args=None):
+    """The GPTConfig of this run: its own shape, or GPT-2's with the position table cropped to
+    block_size (as nanoGPT does); the paper's units (DMU, DTU) and dropout from the config."""
+    units = dict(dropout=c['dropout'], dmu_p=c['dmu_p'], dmu_mode=c['dmu_mode'], dtu_r=c['dtu_r'])
+    if gpt2_args is not None:
+        return GPTConfig(**{**asdict(gpt2_args), **units, 'block_size': min(c['block_size'], gpt2_args.block_size)})
+    return GPTConfig(n_layer=c['n_layer'], n_head=c['n_head'], n_embd=c['n_embd'], block_size=c['block_size'],
+                     vocab_size=vocab_size, bias=c['bias'], causal=c['model'] == 'gpt', **units)
+
+
+def build_model(config, state, source, c, world, rank):
+    """The model on its device, loaded from `state` (read from the file `source`) or freshly
+    initialised when state is None. Under FSDP it is built sharded: no rank holds the whole model."""
+    if state is not None and 'transformer.wpe.weight' in state:  # GPT-2's table, cropped to block_size
+        state = {**state, 'transformer.wpe.weight': state['transformer.wpe.weight'][:config.block_size]}
+    if not c['fsdp']:
+        model = GPT(config)
+        if state is not None:
+            load_model_state(model, state, source)
+        return model.to(c['device'])
+    model = distributed.build_fsdp(config, c['device'], world, c['dtype'])
+    if state is None:
+        model.init_weights()  # on the local shards
+        torch.cuda.manual_seed(c['seed'] + rank)  # on a GPU, DTensor's init gave every rank rank 0's generator
+    else:
+        distributed.load_sharded_model(model, state)
+    return model
+
+
+def unsharded(model, config, device):
+    """Under FSDP: the whole model on rank 0 (None elsewhere), for the end-of-run samples and metrics."""
+    state = distributed.whole_model_state(model)
+    if not distributed.is_rank0():
+        return None
     with torch.device('meta'):
         model = GPT(config)
-    mesh = init_device_mesh(device.split(':')[0], (world,))
-    bf16 = dtype == 'bfloat16'
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    return model.to_empty(device=device)
+    model.to_empty(device=device).load_state_dict(state)
+    return model
 
 
-def rekey(optim_state, keys):
-    """An optimizer state dict with its parameter keys mapped by keys: int index <-> FQN (FSDP's API)."""
-    return {'state': {keys[k]: v for k, v in optim_state['state'].items()},
-            'param_groups': [{**g, 'params': [keys[k] for k in g['params']]} for g in optim_state['param_groups']]}
+def device_stats(model, tokens_per_s, peak, device):
+    """MFU and peak memory, on a GPU (the peak FLOP/s of a CPU is not known)."""
+    out = {'mfu': model.estimate_mfu(tokens_per_s, peak)} if peak else {}
+    if device.startswith('cuda'):
+        out['peak_mem_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def log(log_file, row):
+    print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
+    log_file.write(json.dumps(row) + '\n')
+    log_file.flush()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: all that the next steps read, so that a resumed run continues as the unbroken one
+
+def checkpoint_path(c):
+    return os.path.join(c['out_dir'], 'ckpt.pt')
+
+
+def fresh_latest():
+    """What the next eval's Def. 3.1 record reads: the last 50 logged losses, ||g|| of the latest
+    step and ||theta_t - theta_{t-1}|| of the latest logged step (it needs a parameter copy)."""
+    return dict(losses=[], grad_norm=torch.zeros(()), update_norm=torch.zeros(()))
+
+
+def rng_states(data_gen, device):
+    return dict(data=data_gen.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state(device) if device.startswith('cuda') else None)  # DMU/DTU on the GPU
+
+
+def save_checkpoint(path, model, optimizer, psu, baara, diagnostics, data_gen, iter_num, latest, tok, c):
+    """Every rank calls it: each rank's RNGs and PSU reference are gathered (each rank draws its own
+    batches), and under FSDP the shards; rank 0 writes one file, atomically."""
+    master = distributed.is_rank0()
+    psu_state = psu.state_dict(saving=master)                              # collectives under FSDP
+    baara_state = baara.state_dict(saving=master) if baara else None
+    ranks = distributed.gather_objects(dict(rng=rng_states(data_gen, c['device']),
+                                            psu={k: psu_state[k] for k in ('ref', 'var')}))
+    model_state, optim_state = distributed.whole_state_dicts(model, optimizer)
+    if not master:
+        return
+    ckpt = dict(model=model_state, optimizer=optim_state, config=c, model_args=asdict(model.config),
+                tokenizer=tok.state(), iter_num=iter_num, ranks=ranks, psu={'ema': psu_state['ema']},
+                baara=baara_state, diagnostics=diagnostics.state_dict(),
+                latest=dict(losses=latest['losses'], grad_norm=float(latest['grad_norm']),
+                            update_norm=float(latest['update_norm'])))
+    torch.save(ckpt, path + '.tmp')
+    os.replace(path + '.tmp', path)  # atomic: a crash never leaves half a checkpoint
+
+
+def restore_checkpoint(ckpt, model, optimizer, psu, baara, diagnostics, data_gen, device, rank):
+    """save_checkpoint's mirror (the model's weights are loaded when it is built). -> (iter_num, latest)."""
+    distributed.load_optimizer(model, optimizer, ckpt['optimizer'])
+    mine = ckpt['ranks'][rank]
+    psu.load_state_dict({**ckpt['psu'], **mine['psu']})
+    if baara and ckpt['baara'] is not None:  # BAARA switched on at resume starts afresh
+        baara.load_state_dict(ckpt['baara'])
+    diagnostics.load_state_dict(ckpt['diagnostics'])
+    data_gen.set_state(mine['rng']['data'])
+    torch.set_rng_state(mine['rng']['torch'])
+    if mine['rng']['cuda'] is not None and device.startswith('cuda'):
+        torch.cuda.set_rng_state(mine['rng']['cuda'], device)
+    return ckpt['iter_num'], dict(ckpt['latest'], losses=list(ckpt['latest']['losses']))
 
 
 def stop_nonfinite(iter_num, c):
