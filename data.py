@@ -1,5 +1,5 @@
 """
-Data: the embedded synthetic corpus, text files, and the tokenizers. Nothing downloads.
+Data: the embedded synthetic corpus, text files, prepared token bins, and the tokenizers. Nothing downloads.
 
 It is its own file because train.py, sample.py and metrics.py all need it: the tokenizer to
 encode and decode, and the synthetic corpus to ask which mode a generated sentence belongs to.
@@ -9,16 +9,42 @@ templates ("modes") with Zipfian weights; each slot of a template is a fixed fun
 word class, and each class is a Zipfian distribution over its own word-like tokens. Classes
 and function words are disjoint and templates are distinct, so a sentence determines its
 template: its exact probability, the corpus's entropy rate and its set of modes are all known.
+
+A large corpus is tokenized once into bins, then trained on many times (nanoGPT's prepare.py, streamed):
+
+    python data.py --src=corpus.txt --out=data/corpus     # or a folder of .txt files, or a .jsonl with "text"
+    python train.py --data=data/corpus                     # np.memmap: start-up does not grow with the corpus
+
+It writes DIR/train.bin and DIR/val.bin (token ids, uint16 when the vocabulary fits, else uint32) and
+DIR/meta.json: the tokenizer, each split's tokens and UTF-8 bytes (bits per byte), the source's sha256
+and the corpus's word counts (metrics' high-frequency words). The source is read, tokenized (on
+num_threads threads) and counted in chunks of chunk_mb, cut only before a space or newline that
+follows a non-space, where GPT-2 BPE splits the whole text too: the bins hold exactly the tokens of
+the whole text, in bounded memory. A folder's .txt files (sorted, recursively) and a .jsonl's
+documents are each followed by a newline (added where missing); newlines in text files are read as
+Python reads them ('\\r\\n' -> '\\n'), so a text file's bins hold the tokens load_data(file) makes.
+Validation: the text after the last such cut before (1 - val_fraction) of the source's bytes (the
+end of the source, as a text file's last tokens in memory). --tokenizer=char reads the source twice
+(its alphabet first); gpt2-compact renumbers the written bins in place at the end. Everything is
+written into DIR.tmp-<pid>, renamed DIR when complete: an interrupted run leaves no DIR that
+load_data would accept.
 """
+import codecs
 import hashlib
 import importlib.util
+import json
 import math
 import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
-import torch
-
-SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data', 'tinyshakespeare.txt')
 
 
 class SyntheticCorpus:
@@ -233,38 +259,89 @@ def tokenizer_from_state(state):
 
 
 # -----------------------------------------------------------------------------
+# loading: what train.py, bench.py and metrics.py call
+
+SPLITS = ('train', 'val')
+EXCERPT = 1 << 18  # tokens of prepared bins decoded as Data.text (the corpus itself is never loaded)
+
+
+@dataclass(eq=False)
+class Data:
+    """What load_data returns. It unpacks as before, train, val, tok, text, corpus = load_data(...),
+    and carries what bits per byte and the text metrics need without the whole text."""
+    train: np.ndarray   # token ids: int32 in memory, or a read-only np.memmap (uint16/uint32) of prepared bins
+    val: np.ndarray
+    tok: object
+    text: str           # the corpus; for bins, its first EXCERPT tokens decoded
+    corpus: object      # the SyntheticCorpus, or None
+    split_bytes: dict   # {'train': n, 'val': n}: UTF-8 bytes of each split's text
+    counts: Counter = None  # word counts; None: counted from text on first use
+    meta: dict = None   # the bins' meta.json, or None
+
+    def __iter__(self):
+        return iter((self.train, self.val, self.tok, self.text, self.corpus))
+
+    @property
+    def word_counts(self):
+        """Counter of the corpus's words (metrics.words' rule), both splits: meta.json's, or counted from text."""
+        if self.counts is None:
+            self.counts = count_words(self.text)
+        return self.counts
+
+    def bits_per_byte(self, loss, split='val'):
+        """A mean loss in nats per token of `split` -> bits per UTF-8 byte of its text."""
+        return bits_per_byte(loss, len(getattr(self, split)), self.split_bytes[split])
+
+
+def bits_per_byte(loss, n_tokens, n_bytes):
+    """nats/token -> bits/byte: the loss of the whole split (loss * tokens) in bits, per byte of its text."""
+    return loss * n_tokens / (n_bytes * math.log(2))
+
 
 def load_data(data, tokenizer, n_sentences=150_000, val_fraction=0.1):
-    """-> (train ids, val ids, tokenizer, corpus text, SyntheticCorpus or None).
+    """-> Data, which unpacks as (train ids, val ids, tokenizer, corpus text, SyntheticCorpus or None).
 
     data='synthetic' builds the embedded corpus (always the same one: a run's seed changes the
-    training, not the data), anything else is a path to a UTF-8 text file. tokenizer='auto' is the word vocabulary for the synthetic corpus and
-    compacted GPT-2 BPE for a file. The last val_fraction of the tokens is the validation split.
+    training, not the data); a folder is prepared bins (load_bins: memory-mapped, its own tokenizer
+    and split); anything else is a path to a UTF-8 text file. tokenizer='auto' is the word
+    vocabulary for the synthetic corpus and compacted GPT-2 BPE for a file. The last val_fraction
+    of the tokens is the validation split.
     """
-    corpus = None
-    if data == 'synthetic':
-        corpus = SyntheticCorpus()
-        text = corpus.text(n_sentences, seed=0)
-    else:
-        text = read_text(data)
-    if tokenizer == 'auto':
-        tokenizer = 'word' if corpus is not None else 'gpt2-compact'
-    if tokenizer == 'word':
-        if corpus is None:
-            raise SystemExit("error: tokenizer=word is the synthetic corpus's own; use char, gpt2 or gpt2-compact")
-        tok = WordTokenizer(corpus.words)
-    elif tokenizer == 'char':
-        tok = CharTokenizer(sorted(set(text)))
-    elif tokenizer in ('gpt2', 'gpt2-compact'):
-        tok = GPT2Tokenizer()
-        if tokenizer == 'gpt2-compact':
-            ids = tok.enc.encode_ordinary(text)
-            tok = GPT2Tokenizer(sorted(set(ids)))
-    else:
-        raise SystemExit(f"error: unknown tokenizer {tokenizer!r}; valid: auto, word, char, gpt2, gpt2-compact")
+    if data != 'synthetic' and os.path.isdir(data):
+        return load_bins(data, tokenizer)
+    corpus = SyntheticCorpus() if data == 'synthetic' else None
+    text = corpus.text(n_sentences, seed=0) if corpus is not None else read_text(data)
+    tok = make_tokenizer(tokenizer, text, corpus)
     ids = np.array(tok.encode(text), dtype=np.int32)
     n_val = max(1, int(len(ids) * val_fraction))
-    return ids[:-n_val], ids[-n_val:], tok, text, corpus
+    train, val = ids[:-n_val], ids[-n_val:]
+    val_bytes = text_bytes(tok, val)
+    return Data(train, val, tok, text, corpus, {'train': len(text.encode('utf-8')) - val_bytes, 'val': val_bytes})
+
+
+def make_tokenizer(name, text, corpus):
+    """A tokenizer by name for this text ('auto': word for the synthetic corpus, gpt2-compact for a file)."""
+    if name == 'auto':
+        name = 'word' if corpus is not None else 'gpt2-compact'
+    if name == 'word':
+        if corpus is None:
+            raise SystemExit("error: tokenizer=word is the synthetic corpus's own; use char, gpt2 or gpt2-compact")
+        return WordTokenizer(corpus.words)
+    if name == 'char':
+        return CharTokenizer(sorted(set(text)))
+    if name == 'gpt2':
+        return GPT2Tokenizer()
+    if name == 'gpt2-compact':
+        return GPT2Tokenizer(sorted(set(gpt2_encoding().encode_ordinary(text))))
+    raise SystemExit(f"error: unknown tokenizer {name!r}; valid: auto, word, char, gpt2, gpt2-compact")
+
+
+def text_bytes(tok, ids):
+    """UTF-8 bytes of the text that these token ids stand for (GPT-2 tokens are bytes: exact at any cut)."""
+    if isinstance(tok, GPT2Tokenizer):
+        keep = np.asarray(tok.keep) if tok.keep is not None else None
+        return len(tok.enc.decode_bytes((keep[ids] if keep is not None else ids).tolist()))
+    return len(tok.decode(ids.tolist()).encode('utf-8'))
 
 
 def read_text(path):
@@ -280,12 +357,388 @@ def read_text(path):
 
 
 def get_batch(ids, batch_size, block_size, generator, device):
-    """Random windows of block_size+1 tokens: inputs x and next-token targets y."""
+    """Random windows of block_size+1 tokens: inputs x and next-token targets y. ids may be a
+    memmap: only the windows are read, and they become int64 here."""
+    import torch  # here, so that `python data.py` (prepare) does not load torch
     ix = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=generator).numpy()
-    rows = np.stack([ids[i:i + block_size + 1] for i in ix]).astype(np.int64)
+    rows = np.stack([ids[i:i + block_size + 1] for i in ix]).astype(np.int64)  # (batch_size, block_size + 1)
     xy = torch.from_numpy(rows)
     if device.startswith('cuda'):
         xy = xy.pin_memory().to(device, non_blocking=True)
     else:
         xy = xy.to(device)
     return xy[:, :-1], xy[:, 1:]
+
+
+# -----------------------------------------------------------------------------
+# words: metrics.words' rule (maximal runs of [A-Za-z'], lowercased) on UTF-8 bytes, which is fast; every
+# other byte (UTF-8's multi-byte characters too) separates words
+
+WORD_BYTES = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or c == 39 else 32 for c in range(256))
+
+
+def count_words(text):
+    """Counter of the words of a str."""
+    counts = Counter(text.encode('utf-8', 'replace').translate(WORD_BYTES).split())
+    return Counter({w.decode('ascii'): n for w, n in counts.items()})
+
+
+# -----------------------------------------------------------------------------
+# prepared bins: DIR/train.bin, DIR/val.bin, DIR/meta.json (written by prepare, below)
+
+def load_bins(folder, tokenizer):
+    """Prepared bins as Data: read-only np.memmap splits (nothing is read until used), the tokenizer of
+    meta.json (tokenizer must be 'auto' or its name), its byte and word counts."""
+    meta = read_meta(folder)
+    tok = tokenizer_from_state(meta['tokenizer'])
+    if tokenizer not in ('auto', tok.name):
+        raise SystemExit(f"error: {folder!r} holds {tok.name} tokens, not {tokenizer}: use tokenizer=auto, "
+                         f"or prepare it again with --tokenizer={tokenizer}")
+    train, val = (open_bin(folder, split, meta) for split in SPLITS)
+    text = tok.decode(train[:EXCERPT].tolist())
+    return Data(train, val, tok, text, None, {s: meta['splits'][s]['bytes'] for s in SPLITS},
+                Counter(meta['word_counts']), meta)
+
+
+def read_meta(folder):
+    """meta.json of a prepared folder, checked for the keys load_bins uses."""
+    path = os.path.join(folder, 'meta.json')
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {folder!r} is a folder but not prepared bins (no meta.json); "
+                         f"make them with: python data.py --src=TEXT --out={folder}")
+    try:
+        meta = json.load(open(path, encoding='utf-8'))
+        assert meta['tokenizer']['name'] in ('char', 'gpt2', 'gpt2-compact'), 'tokenizer'
+        np.dtype(meta['dtype'])
+        assert all(isinstance(meta['splits'][s][k], int if k != 'digest' else str)
+                   for s in SPLITS for k in ('tokens', 'bytes', 'digest')), 'splits'
+        assert isinstance(meta['word_counts'], dict), 'word_counts'
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        raise SystemExit(f"error: {path!r} is not a prepared-bins meta.json ({type(e).__name__}: {e}); prepare it again")
+    return meta
+
+
+def open_bin(folder, split, meta):
+    """One split as a read-only memmap, after checking it is the file meta.json describes (size and digest)."""
+    path, info, dtype = os.path.join(folder, f'{split}.bin'), meta['splits'][split], np.dtype(meta['dtype'])
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path!r} is missing; prepare {folder!r} again")
+    size, want = os.path.getsize(path), info['tokens'] * dtype.itemsize
+    if size != want or want == 0:
+        raise SystemExit(f"error: {path!r} has {size:,} bytes but meta.json says {info['tokens']:,} {dtype.name} "
+                         f"tokens ({want:,} bytes): truncated or not these bins; prepare it again")
+    if bin_digest(path) != info['digest']:
+        raise SystemExit(f"error: {path!r} does not match its meta.json (bins of another run?); prepare it again")
+    return np.memmap(path, dtype=dtype, mode='r')
+
+
+def bin_digest(path, span=1 << 20):
+    """sha256 of a file's size, first and last MiB: cheap at any size, and it tells these bins from others."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, 'rb') as f:
+        h.update(f.read(span))
+        f.seek(max(0, size - span))
+        h.update(f.read(span))
+    return h.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# prepare: a text file, a folder of .txt files or a .jsonl -> DIR/{train,val}.bin + DIR/meta.json
+
+PREPARE = dict(src='', out='', tokenizer='gpt2', val_fraction=0.005, overwrite=False, chunk_mb=8.0, num_threads=0)
+PREPARE_CHOICES = dict(tokenizer=('gpt2', 'gpt2-compact', 'char'))
+# No GPT-2 pre-tokenizer piece (nor word) holds a non-space character followed by a space, and none looks
+# behind: cut before a space or newline that follows a non-space, text[:i] and text[i:] give the tokens of text.
+# (Python's \S is narrower than the Rust regex's, so it errs on the safe side.)
+CUT = re.compile(r'(?<=\S)[ \n]')
+
+
+class Source:
+    """The text of SRC as a stream of pieces: a UTF-8 file, the .txt files of a folder (sorted, recursively) or
+    the "text" of each line of a .jsonl. Counts the bytes read (self.done) and hashes them (self.sha)."""
+
+    def __init__(self, src):
+        if not os.path.exists(src):
+            raise SystemExit(f"error: source {src!r} does not exist")
+        if os.path.isdir(src):
+            self.kind = 'dir'
+            self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs if f.endswith('.txt'))
+            if not self.files:
+                raise SystemExit(f"error: source folder {src!r} has no .txt files")
+        else:
+            self.kind, self.files = 'jsonl' if src.endswith('.jsonl') else 'text', [src]
+        self.src, self.bytes = src, sum(os.path.getsize(f) for f in self.files)
+        if self.bytes == 0:
+            raise SystemExit(f"error: source {src!r} is empty")
+        self.done, self.sha = 0, hashlib.sha256()
+
+    def pieces(self, chunk, split_at=None):
+        """(text, bytes read so far) of about `chunk` bytes each; the piece that reaches split_at ends there (a
+        text file) or after its document (.jsonl). A folder's files each end with a newline (added if missing)."""
+        self.done, self.sha = 0, hashlib.sha256()
+        for path in self.files:
+            last = ''
+            for text in (self.jsonl if self.kind == 'jsonl' else self.text)(path, chunk, split_at):
+                last = text[-1:] or last
+                yield text, self.done
+            if self.kind == 'dir' and last != '\n':
+                yield '\n', self.done
+
+    def text(self, path, chunk, split_at):
+        """A UTF-8 file in pieces, its newlines read as open(path) reads them ('\\r\\n' and '\\r' -> '\\n')."""
+        decoder, at, cr = codecs.getincrementaldecoder('utf-8')(), 0, False
+        with open(path, 'rb') as f:
+            while True:
+                ahead = split_at - self.done if split_at is not None and self.done < split_at else chunk
+                raw = f.read(min(chunk, ahead))
+                pending = len(decoder.getstate()[0])  # bytes of an unfinished character, kept from the last read
+                try:
+                    text = decoder.decode(raw, final=not raw)
+                except UnicodeDecodeError as e:
+                    raise SystemExit(f"error: {path!r} is not UTF-8 text ({e.reason} at byte {at - pending + e.start})")
+                at, self.done = at + len(raw), self.done + len(raw)
+                self.sha.update(raw)
+                if cr and text.startswith('\n'):  # the '\r\n' was cut between two reads
+                    text = text[1:]
+                cr = text.endswith('\r') if text else cr
+                yield text.replace('\r\n', '\n').replace('\r', '\n')
+                if not raw:
+                    return
+
+    def jsonl(self, path, chunk, split_at):
+        """The "text" of each non-blank line of a .jsonl, each ending with a newline, in pieces of about chunk."""
+        docs, size, at = [], 0, 0
+        with open(path, 'rb') as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode('utf-8')
+                except UnicodeDecodeError as e:
+                    raise SystemExit(f"error: {path!r} is not UTF-8 text ({e.reason} at byte {at + e.start})")
+                before, at, self.done = self.done, at + len(raw), self.done + len(raw)
+                self.sha.update(raw)
+                if line.strip():
+                    text = json_text(line, path, number)
+                    docs.append(text if text.endswith('\n') else text + '\n')
+                    size += len(text)
+                if size >= chunk or (split_at is not None and before < split_at <= self.done):
+                    yield ''.join(docs)
+                    docs, size = [], 0
+        yield ''.join(docs)
+
+
+def json_text(line, path, number):
+    """The "text" string of one .jsonl line, or a one-line error naming the line."""
+    try:
+        text = json.loads(line)['text']
+        text.encode('utf-8')  # a lone surrogate ("\ud800") is valid JSON but not text
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        raise SystemExit(f'error: {path!r} line {number} is not a JSON object with a "text" string (of valid Unicode)')
+    return text
+
+
+def last_cut(text, end=None, window=1 << 16):
+    """The last CUT position before `end` (0 if none): text[:i] and text[i:] tokenize as text does."""
+    end = len(text) if end is None else end
+    while end > 0:
+        start = max(0, end - window)
+        cuts = [m.start() for m in CUT.finditer(text, start, end)]
+        if cuts:
+            return cuts[-1]
+        end = start
+    return 0
+
+
+def safe_chunks(pieces, size, split_at):
+    """(text, bytes read) pieces -> ('train' or 'val', text) chunks of about `size` characters, cut only at CUT
+    positions. Validation starts at the last cut before the piece that reaches split_at. A text with no cut for
+    4 chunks (no spaces) is cut anyway: there, a token may differ from the whole text's."""
+    buf, split = '', 'train'
+    for text, read in pieces:
+        buf += text
+        if split == 'train' and read >= split_at:
+            cut = last_cut(buf)
+            if cut:
+                yield 'train', buf[:cut]
+            buf, split = buf[cut:], 'val'
+        if len(buf) >= size:
+            cut = last_cut(buf) or (len(buf) if len(buf) >= 4 * size else 0)
+            if cut:
+                yield split, buf[:cut]
+                buf = buf[cut:]
+    if buf:
+        yield split, buf
+
+
+def make_encoder(tokenizer, chars):
+    """str -> token ids (a numpy array): full GPT-2 ids (gpt2-compact's are compacted at the end), or chars' indices."""
+    if tokenizer == 'char':
+        codes = np.array([ord(c) for c in chars], dtype=np.uint32)  # sorted, as CharTokenizer's are
+        # one uint32 code point per character (UTF-32) -> its index among the sorted characters
+        return lambda text: np.searchsorted(codes, np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32))
+    enc = gpt2_encoding()
+    # tiktoken's encode_ordinary, straight into a uint32 array: no Python list of ints (~10x the memory)
+    return lambda text: enc.encode_to_numpy(text, disallowed_special=())
+
+
+def encode_chunk(pool, threads, encode, text, stats, words):
+    """Token ids of one chunk: its pieces are encoded on the pool's threads (tiktoken releases the GIL) while this
+    thread adds the chunk's UTF-8 bytes to stats and its words to `words` (bytes keys)."""
+    n = min(threads, 1 + len(text) // (1 << 16))
+    cuts = [0] + sorted({last_cut(text, len(text) * k // n) for k in range(1, n)} - {0}) + [len(text)]
+    pieces = [text[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+    jobs = [pool.submit(encode, p) for p in pieces]
+    for p in pieces:
+        raw = p.encode('utf-8')
+        stats['bytes'] += len(raw)
+        words.update(raw.translate(WORD_BYTES).split())
+    return np.concatenate([j.result() for j in jobs])
+
+
+class Progress:
+    """'tokenize: 123.4/1,050.0 MB  8.1 MB/s  ETA 1:54' on stderr, rewritten in place, at most twice a second."""
+    open = False  # a line is on stderr without its newline (an error message starts a new line)
+
+    def __init__(self, total, label):
+        self.total, self.label, self.start, self.shown = total, label, time.time(), time.time()
+
+    def show(self, done, last=False):
+        now = time.time()
+        if (now - self.shown < 0.5 and not last) or (last and not Progress.open):  # quick runs show nothing
+            return
+        self.shown, rate = now, done / max(now - self.start, 1e-9)
+        eta = int((self.total - done) / rate) if rate else 0
+        sys.stderr.write(f"\r{self.label}: {done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB  {rate / 1e6:.1f} MB/s  "
+                         f"ETA {eta // 60}:{eta % 60:02d}  " + ('\n' if last else ''))
+        sys.stderr.flush()
+        Progress.open = not last
+
+
+def write_bins(source, folder, encode, dtype, split_at, chunk, threads, seen=None):
+    """Stream the source through the tokenizer into folder/train.bin and val.bin (ids as dtype).
+    -> ({split: {'tokens', 'bytes'}}, word Counter); `seen` (bool per GPT-2 id) marks the ids used."""
+    stats, words, blank = {s: dict(tokens=0, bytes=0) for s in SPLITS}, Counter(), True
+    progress = Progress(source.bytes, 'tokenize')
+    files = {s: open(os.path.join(folder, f'{s}.bin'), 'wb') for s in SPLITS}
+    with ThreadPoolExecutor(threads) as pool, files['train'], files['val']:
+        for split, text in safe_chunks(source.pieces(chunk, split_at), chunk, split_at):
+            blank = blank and text.isspace()
+            ids = encode_chunk(pool, threads, encode, text, stats[split], words)
+            if seen is not None:
+                seen[ids] = True
+            ids.astype(dtype).tofile(files[split])  # uint32/int64 -> the bins' dtype (chosen for this vocabulary)
+            stats[split]['tokens'] += len(ids)
+            progress.show(source.done)
+    progress.show(source.done, last=True)
+    if blank:
+        raise SystemExit(f"error: source {source.src!r} is empty")
+    return stats, Counter({w.decode('ascii'): n for w, n in words.items()})
+
+
+def char_alphabet(source, chunk):
+    """The first pass of tokenizer=char: the sorted set of the source's characters. -> (chars, sha256)."""
+    chars, progress = set(), Progress(source.bytes, 'alphabet')
+    for text, done in source.pieces(chunk):
+        chars.update(text)
+        progress.show(done)
+    progress.show(source.done, last=True)
+    return sorted(chars), source.sha.hexdigest()
+
+
+def compact_bins(folder, seen):
+    """gpt2-compact: rewrite both bins in place, GPT-2 id -> its index among the ids seen. -> the tokenizer."""
+    keep = np.flatnonzero(seen)
+    index = np.zeros(len(seen), dtype=np.uint16)
+    index[keep] = np.arange(len(keep))
+    for split in SPLITS:
+        path = os.path.join(folder, f'{split}.bin')
+        if os.path.getsize(path):
+            ids = np.memmap(path, dtype=np.uint16, mode='r+')
+            for a in range(0, len(ids), 1 << 24):  # 32 MB at a time
+                ids[a:a + (1 << 24)] = index[ids[a:a + (1 << 24)]]
+            ids.flush()
+            del ids
+    return GPT2Tokenizer(keep.tolist())
+
+
+def check_out(out, overwrite):
+    """An existing DIR is refused unless overwrite=True, and never replaced if it is not a prepared-bins folder."""
+    if not os.path.exists(out):
+        return
+    if not overwrite:
+        raise SystemExit(f"error: {out!r} exists; pass --overwrite=True to replace it")
+    if not os.path.isdir(out) or (os.listdir(out) and not os.path.isfile(os.path.join(out, 'meta.json'))):
+        raise SystemExit(f"error: {out!r} is not a prepared-bins folder (no meta.json); refusing to replace it")
+
+
+def prepare(src, out, tokenizer='gpt2', val_fraction=0.005, overwrite=False, chunk_mb=8.0, num_threads=0):
+    """Tokenize SRC into DIR=out (the module docstring says how). -> meta.json's dict."""
+    out, t0 = os.path.normpath(out), time.time()
+    check_out(out, overwrite)
+    source = Source(src)
+    chunk, threads = max(1, int(chunk_mb * 1e6)), num_threads or os.cpu_count() or 1
+    chars, sha = char_alphabet(source, chunk) if tokenizer == 'char' else (None, None)
+    vocab = len(chars) if chars is not None else 50257
+    dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
+    seen = np.zeros(50257, dtype=bool) if tokenizer == 'gpt2-compact' else None
+    tmp = f'{out}.tmp-{os.getpid()}'
+    os.makedirs(tmp)
+    try:
+        split_at = int(source.bytes * (1 - val_fraction))
+        stats, words = write_bins(source, tmp, make_encoder(tokenizer, chars), dtype, split_at, chunk, threads, seen)
+        if sha is not None and sha != source.sha.hexdigest():  # the alphabet would not be this text's
+            raise SystemExit(f"error: source {src!r} changed while it was read; prepare it again")
+        if not stats['train']['tokens'] or not stats['val']['tokens']:
+            raise SystemExit(f"error: source {src!r} is too small to split ({stats['train']['tokens']} train and "
+                             f"{stats['val']['tokens']} val tokens at val_fraction={val_fraction})")
+        tok = CharTokenizer(chars) if chars is not None else compact_bins(tmp, seen) if seen is not None else GPT2Tokenizer()
+        for s in SPLITS:
+            stats[s]['digest'] = bin_digest(os.path.join(tmp, f'{s}.bin'))
+        meta = dict(format=1, tokenizer=tok.state(), vocab_size=tok.vocab_size, dtype=dtype.name, splits=stats,
+                    val_fraction=val_fraction, source=dict(path=os.path.abspath(src), kind=source.kind,
+                    files=len(source.files), bytes=source.bytes, sha256=source.sha.hexdigest()),
+                    seconds=round(time.time() - t0, 1),
+                    word_counts=dict(sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))))
+        with open(os.path.join(tmp, 'meta.json'), 'w', encoding='utf-8') as f:
+            json.dump(meta, f, indent=1)
+        install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def install(tmp, out):
+    """Rename the finished folder to out, replacing an old out: DIR is complete or absent, never half-written."""
+    old = f'{tmp}-old' if os.path.exists(out) else None
+    if old:
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old:
+        shutil.rmtree(old)
+
+
+def main(argv):
+    """python data.py --src=SRC --out=DIR [--key=value ...]: prepare bins, with one-line errors."""
+    from configurator import parse_flags
+    c, _ = parse_flags(PREPARE, argv, PREPARE_CHOICES)
+    if not c['src'] or not c['out']:
+        raise SystemExit("error: usage: python data.py --src=FILE.txt|FOLDER|FILE.jsonl --out=DIR (--help: every key)")
+    if c['tokenizer'] not in PREPARE_CHOICES['tokenizer']:
+        raise SystemExit(f"error: tokenizer={c['tokenizer']!r} is not one of {', '.join(PREPARE_CHOICES['tokenizer'])} "
+                         "(word is the synthetic corpus's own)")
+    if not 0 < c['val_fraction'] < 1 or c['chunk_mb'] <= 0 or c['num_threads'] < 0:
+        raise SystemExit("error: val_fraction must be in (0, 1), chunk_mb > 0 and num_threads >= 0 (0: every core)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"error: terminated; {c['out']!r} was not written"))
+    try:
+        meta = prepare(**c)
+    except (KeyboardInterrupt, SystemExit) as e:  # (prepare removed its temporary folder)
+        message = e.code if isinstance(e, SystemExit) else f"error: interrupted; {c['out']!r} was not written"
+        raise SystemExit(('\n' if Progress.open else '') + str(message))
+    s, mb = meta['splits'], meta['source']['bytes'] / 1e6
+    print(f"{c['out']}: {s['train']['tokens']:,} train + {s['val']['tokens']:,} val tokens ({meta['tokenizer']['name']}, "
+          f"{meta['dtype']}) from {mb:,.1f} MB in {meta['seconds']:.1f} s ({mb / max(meta['seconds'], 1e-9):.1f} MB/s)")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

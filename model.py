@@ -336,9 +336,19 @@ def load_gpt2_state_dict(sd):
 
 
 def load_checkpoint(path):
-    """torch.load with one-line errors for a missing or unreadable file."""
+    """torch.load, or for a .safetensors file (Hugging Face's weights) its dict of tensors, with one-line
+    errors for a missing or unreadable file. safetensors is imported only for such a file."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint {path!r} does not exist")
+    if path.endswith('.safetensors'):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise SystemExit(f"error: {path!r} is a safetensors file: pip install safetensors")
+        try:
+            return load_file(path, device='cpu')
+        except Exception as e:
+            raise SystemExit(f"error: checkpoint {path!r} is corrupt or not a safetensors file ({type(e).__name__})")
     try:  # mmap: pages are read on use and shared by the ranks that all load the same file
         return torch.load(path, map_location='cpu', weights_only=False, mmap=True)
     except Exception:
