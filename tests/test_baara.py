@@ -1,5 +1,6 @@
 """BAARA (baara.py): Theorem B.1 shown (with a state-blind control), eqs. 65-69 on hand-built
-cases, inactive blocks frozen under AdamW, baara=False untouched, resume exactness."""
+cases, the keep decision credited to the batch it runs on, inactive blocks frozen under AdamW,
+baara=False untouched, resume exactness."""
 import json
 import math
 
@@ -68,12 +69,12 @@ def test_confidence_reward_and_cost():
     for logits, c in ((torch.zeros(2, 8, 11), 0.0), (torch.full((2, 8, 11), -30.0).scatter(-1, y[..., None], 30.0), 1.0)):
         baara.start()
         baara.observe(logits, y, torch.tensor(1.0))
-        entropy = (baara.micro / baara.n_micro)[1].item()
+        entropy = (baara.batch_sums / baara.n_micro)[1].item()
         assert 0 <= confidence(entropy, 11) <= 1 and confidence(entropy, 11) == pytest.approx(c, abs=1e-6)
     baara.values, baara.last = [1.0, 2.0, 3.0], {'confidence': 0.5}
-    assert baara.reward(6.0) == pytest.approx((1 + 2 + 3 + 6) / 4 * 0.5)  # eqs. 66, 68
+    assert baara.reward(6.0) == pytest.approx(((1 + 2 + 3 + 6) / 4 * 0.5, 6 * 0.5 / 4))  # eqs. 66, 68; r_b's own part
     baara.values = list(range(100))
-    assert baara.reward(0.0) == pytest.approx(sum(range(100 - B.WINDOW + 1, 100)) / B.WINDOW * 0.5)
+    assert baara.reward(0.0)[0] == pytest.approx(sum(range(100 - B.WINDOW + 1, 100)) / B.WINDOW * 0.5)
     config = tiny_model(dmu_p=0.5, dtu_r=0.5).config
     assert flop_ratio(config, 1.0, 1.0) == 1.0 and flop_ratio(config, 0.5, 0.5) < flop_ratio(config, 0.5, 1.0) < 1
 
@@ -82,12 +83,13 @@ def test_measured_cost_leaves_out_each_keeps_first_step():
     """C_b from step times (eq. 63): a keep's first step, where torch.compile compiles its graph
     (seconds against milliseconds), is not timed, or it would dominate the running mean."""
     baara = BAARA(tiny_model(dmu_p=0.5), list(range(11)), 0, lambda g: fixed_batch())
-    baara.step = 5
+    baara.t_start = 0.0  # so that a clock stamp t_end is the step's seconds
     for keep, elapsed in ((0, 30.0), (0, 1.0), (1, 40.0), (1, 2.0)):  # keep 1 is off: p = 1
-        baara.keep = keep
-        baara.complexity(elapsed)
-    baara.keep = 0
-    assert baara.complexity(1.0) == pytest.approx(0.5)
+        baara.keep_now = keep
+        baara.record_time(elapsed)
+    assert baara.step_time == {0: 1.0, 1: 2.0}  # the first steps' 30 s and 40 s are not in the means
+    baara.keep_now = 0
+    assert baara.complexity() == 0.5
 
 
 def test_reference_gradient_runs_under_the_training_autocast():
@@ -104,10 +106,43 @@ def test_reinforce_raises_the_probability_of_a_rewarded_action():
     baara = BAARA(tiny_model(), list(range(11)), 0, lambda g: fixed_batch())
     s = torch.randn(len(B.FEATURES), dtype=torch.float64)
     before = baara.probs('alpha', s)[3].item()
-    baara.rewards.count, baara.rewards.var = 10, torch.ones(1, dtype=torch.float64)  # baseline 0, std 1
+    baara.baseline.count, baara.baseline.var = 10, torch.ones(1, dtype=torch.float64)  # mean 0, std 1
     baara.last, baara.step, baara.decisions = {'confidence': 1.0}, 1, {0: [('alpha', s, 3)]}
     baara.learn(1.0)
     assert baara.probs('alpha', s)[3].item() > before
+
+
+def test_keep_is_credited_with_the_reward_of_the_batch_it_runs_on():
+    """Keep ratios act in the forward pass, so the keep drawn at step b runs on batch b+1: batch
+    b+1's reward trains the keep head, on step b's state; batch b's reward trains only the alpha
+    and scope drawn at step b. v_b is set by hand: +1000 for batch 0, -1000 for batch 1."""
+    model, (x, y) = tiny_model(dmu_p=0.5), fixed_batch()
+    baara = BAARA(model, list(range(11)), 0, lambda g: (x, y), cost='flops')
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    baara.baseline.count, baara.baseline.var = 10, torch.ones(1, dtype=torch.float64)  # advantage = r_b's own part
+    for raw in torch.randn(2, len(B.FEATURES), dtype=torch.float64, generator=torch.Generator().manual_seed(0)):
+        baara.norm.update(raw)  # a history, so that step 0's state is not 0 (a first state normalises to 0)
+    for step, v in enumerate((1000.0, -1000.0, None)):
+        baara.start()
+        logits, loss = model(x, y)
+        baara.observe(logits, y, loss)
+        loss.backward()
+        baara.act(optimizer, 0.01)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        baara.finish()
+        assert baara.last['confidence'] > 0  # else r_b = v_b c_b would be 0 whatever v_b
+        if step == 0:
+            (_, s0, alpha0), drawn0 = baara.decisions[0][0], baara.keep_now  # step 0's state, alpha, keep
+        if step == 1:  # batch 0 ran at the initial keep, which no decision drew: nothing to credit
+            assert torch.equal(baara.heads['keep'], torch.zeros_like(baara.heads['keep']))
+            assert baara.probs('alpha', s0)[alpha0] > 1 / len(B.ALPHAS)  # batch 0's +1000 raised its alpha
+        if v is not None:
+            baara.value = torch.tensor(v, dtype=torch.float64)
+    # batch 1 ran at keep drawn0, drawn from s0: its -1000 lowers drawn0 there, a move along (s0, 1) alone
+    assert baara.probs('keep', s0)[drawn0] < 0.5
+    row = baara.heads['keep'][drawn0]
+    assert torch.allclose(row, row[-1] * torch.cat([s0, s0.new_ones(1)]), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize('scope', ['all', 'top'])
@@ -131,7 +166,7 @@ def test_value_is_the_first_order_decrease_of_a_projected_step(scope, monkeypatc
     optimizer.step()
     baara.finish()
     expected = baara.last['alpha'] * 0.01 * sum((g.double() ** 2).sum() for g in active)
-    assert baara.pending.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert baara.value.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_inactive_blocks_do_not_move_under_adamw():
