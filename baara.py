@@ -75,8 +75,9 @@ def confidence(entropy, vocab_size):
 
 class BAARA:
 
-    def __init__(self, model, train_ids, seed, reference, cost='time', ctx=contextlib.nullcontext()):
-        """reference(generator) -> (x, y): a fresh training batch, for g_ref; ctx: the training
+    def __init__(self, model, token_counts, seed, reference, cost='time', ctx=contextlib.nullcontext()):
+        """token_counts: of each token id in the training split (data.Data.token_counts), for rarity;
+        reference(generator) -> (x, y): a fresh training batch, for g_ref; ctx: the training
         forward pass's autocast (g_ref in float32 would cost a bf16 GPU many times the 2.5%)."""
         config, blocks = model.config, model.transformer.h
         self.model, self.cost, self.reference, self.ctx = model, cost, reference, ctx  # as passed
@@ -87,7 +88,9 @@ class BAARA:
         self.block_params = [torch.tensor([index[id(p)] for p in b.parameters()]) for b in blocks]  # into params
         self.block_numel = [sum(p.numel() for p in b.parameters()) for b in blocks]  # for the Fisher means
         self.frozen = {'all': [], 'top': torch.cat(self.block_params[:len(blocks) // 2]).tolist()}  # by P_S
-        counts = np.bincount(np.asarray(train_ids), minlength=config.vocab_size) + 1.0
+        counts = np.zeros(config.vocab_size)  # BERT's [MASK] id never occurs in the data
+        counts[:len(token_counts)] = token_counts
+        counts += 1.0
         self.rarity = torch.tensor(-np.log(counts / counts.sum()), dtype=torch.float32,
                                    device=self.params[0].device)  # of each token id: -log add-one frequency
         self.keeps = list(dict.fromkeys([(config.dmu_p, config.dtu_r), (1.0, 1.0)]))  # (p, r); the last: 'off'
@@ -269,7 +272,7 @@ def theorem_b1(seed, steps=300, noise=1 / 3, blind=False):
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=tok.vocab_size))
     optimizer = model.configure_optimizers(0.1, 3e-3, (0.9, 0.99), 'cpu')
     gen, batch = torch.Generator().manual_seed(seed), lambda g: get_batch(ids, 16, 16, g, 'cpu')
-    baara, alphas = BAARA(model, ids, seed, batch, cost='flops'), {False: [], True: []}
+    baara, alphas = BAARA(model, np.bincount(ids), seed, batch, cost='flops'), {False: [], True: []}
     if blind:
         baara.norm.normalize = torch.zeros_like
     for step in range(steps):

@@ -57,7 +57,7 @@ class Setup:
         self.baara, self.period = None, 1
         if c['baara']:
             reference = lambda g: train.batch(self.ids, c, self.tok, g, self.device)
-            self.baara = BAARA(self.model, self.ids, c['seed'], reference, c['baara_cost'], self.ctx)
+            self.baara = BAARA(self.model, np.bincount(self.ids), c['seed'], reference, c['baara_cost'], self.ctx)
             self.period = REF_EVERY
         self.forward = torch.compile(self.model) if c['compile'] else self.model
         self.gen = torch.Generator().manual_seed(b['seed'])

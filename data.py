@@ -288,6 +288,13 @@ class Data:
             self.counts = count_words(self.text)
         return self.counts
 
+    @property
+    def token_counts(self):
+        """How often each token id occurs in the training split: meta.json's, or counted (in memory)."""
+        if self.meta is not None:
+            return np.array(self.meta['token_counts'], dtype=np.int64)
+        return np.bincount(self.train, minlength=self.tok.vocab_size)
+
     def bits_per_byte(self, loss, split='val'):
         """A mean loss in nats per token of `split` -> bits per UTF-8 byte of its text."""
         return bits_per_byte(loss, len(getattr(self, split)), self.split_bytes[split])
@@ -413,6 +420,7 @@ def read_meta(folder):
         assert all(isinstance(meta['splits'][s][k], int if k != 'digest' else str)
                    for s in SPLITS for k in ('tokens', 'bytes', 'digest')), 'splits'
         assert isinstance(meta['word_counts'], dict), 'word_counts'
+        assert len(meta['token_counts']) == meta['vocab_size'], 'token_counts'
     except (ValueError, KeyError, TypeError, AssertionError) as e:
         raise SystemExit(f"error: {path!r} is not a prepared-bins meta.json ({type(e).__name__}: {e}); prepare it again")
     return meta
@@ -614,25 +622,25 @@ class Progress:
         Progress.open = not last
 
 
-def write_bins(source, folder, encode, dtype, split_at, chunk, threads, seen=None):
+def write_bins(source, folder, encode, dtype, split_at, chunk, threads, vocab):
     """Stream the source through the tokenizer into folder/train.bin and val.bin (ids as dtype).
-    -> ({split: {'tokens', 'bytes'}}, word Counter); `seen` (bool per GPT-2 id) marks the ids used."""
+    -> ({split: {'tokens', 'bytes'}}, word Counter, {split: count of each token id (vocab of them)})."""
     stats, words, blank = {s: dict(tokens=0, bytes=0) for s in SPLITS}, Counter(), True
+    counts = {s: np.zeros(vocab, dtype=np.int64) for s in SPLITS}
     progress = Progress(source.bytes, 'tokenize')
     files = {s: open(os.path.join(folder, f'{s}.bin'), 'wb') for s in SPLITS}
     with ThreadPoolExecutor(threads) as pool, files['train'], files['val']:
         for split, text in safe_chunks(source.pieces(chunk, split_at), chunk, split_at):
             blank = blank and text.isspace()
             ids = encode_chunk(pool, threads, encode, text, stats[split], words)
-            if seen is not None:
-                seen[ids] = True
+            counts[split] += np.bincount(ids, minlength=vocab)[:vocab]  # [:vocab]: a source changed under us (refused below)
             ids.astype(dtype).tofile(files[split])  # uint32/int64 -> the bins' dtype (chosen for this vocabulary)
             stats[split]['tokens'] += len(ids)
             progress.show(source.done)
     progress.show(source.done, last=True)
     if blank:
         raise SystemExit(f"error: source {source.src!r} is empty")
-    return stats, Counter({w.decode('ascii'): n for w, n in words.items()})
+    return stats, Counter({w.decode('ascii'): n for w, n in words.items()}), counts
 
 
 def char_alphabet(source, chunk):
@@ -680,24 +688,29 @@ def prepare(src, out, tokenizer='gpt2', val_fraction=0.005, overwrite=False, chu
     chars, sha = char_alphabet(source, chunk) if tokenizer == 'char' else (None, None)
     vocab = len(chars) if chars is not None else 50257
     dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
-    seen = np.zeros(50257, dtype=bool) if tokenizer == 'gpt2-compact' else None
     tmp = f'{out}.tmp-{os.getpid()}'
     os.makedirs(tmp)
     try:
         split_at = int(source.bytes * (1 - val_fraction))
-        stats, words = write_bins(source, tmp, make_encoder(tokenizer, chars), dtype, split_at, chunk, threads, seen)
+        stats, words, counts = write_bins(source, tmp, make_encoder(tokenizer, chars), dtype, split_at, chunk, threads,
+                                          vocab)
         if sha is not None and sha != source.sha.hexdigest():  # the alphabet would not be this text's
             raise SystemExit(f"error: source {src!r} changed while it was read; prepare it again")
         if not stats['train']['tokens'] or not stats['val']['tokens']:
             raise SystemExit(f"error: source {src!r} is too small to split ({stats['train']['tokens']} train and "
                              f"{stats['val']['tokens']} val tokens at val_fraction={val_fraction})")
-        tok = CharTokenizer(chars) if chars is not None else compact_bins(tmp, seen) if seen is not None else GPT2Tokenizer()
+        token_counts = counts['train']  # for BAARA's rarity feature (baara.py), so that it never reads the bins
+        if tokenizer == 'gpt2-compact':
+            seen = (counts['train'] + counts['val']) > 0
+            tok, token_counts = compact_bins(tmp, seen), token_counts[seen]
+        else:
+            tok = CharTokenizer(chars) if chars is not None else GPT2Tokenizer()
         for s in SPLITS:
             stats[s]['digest'] = bin_digest(os.path.join(tmp, f'{s}.bin'))
         meta = dict(format=1, tokenizer=tok.state(), vocab_size=tok.vocab_size, dtype=dtype.name, splits=stats,
                     val_fraction=val_fraction, source=dict(path=os.path.abspath(src), kind=source.kind,
                     files=len(source.files), bytes=source.bytes, sha256=source.sha.hexdigest()),
-                    seconds=round(time.time() - t0, 1),
+                    seconds=round(time.time() - t0, 1), token_counts=token_counts.tolist(),
                     word_counts=dict(sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))))
         with open(os.path.join(tmp, 'meta.json'), 'w', encoding='utf-8') as f:
             json.dump(meta, f, indent=1)

@@ -191,7 +191,7 @@ def main(argv):
     # ---- data and model: from scratch, from GPT-2's weights, or resumed from out_dir
     ckpt = load_checkpoint(checkpoint_path(c)) if c['init_from'] == 'resume' else None
     gpt2_args, gpt2_weights = load_gpt2(c) if c['init_from'] not in ('scratch', 'resume') else (None, None)
-    train_ids, val_ids, tok, corpus_text, corpus = load_data(c['data'], c['tokenizer'])
+    train_ids, val_ids, tok, corpus_text, corpus = data = load_data(c['data'], c['tokenizer'])
     check_data(train_ids, val_ids, tok, ckpt, c)
     config = model_config(c, tok.vocab_size + (c['model'] == 'bert'), gpt2_args)  # BERT's [MASK]: one more id
     state, source = (ckpt['model'], checkpoint_path(c)) if ckpt is not None else (gpt2_weights, c['init_from'])
@@ -199,7 +199,7 @@ def main(argv):
     optimizer = raw_model.configure_optimizers(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']),
                                                device.split(':')[0])
     psu = PSU(raw_model.parameters(), c['psu_lambda'], c['psu_beta'], c['psu_channels'], tok.eot)
-    baara = (BAARA(raw_model, train_ids, c['seed'], lambda g: batch(train_ids, c, tok, g, device), c['baara_cost'], ctx)
+    baara = (BAARA(raw_model, data.token_counts, c['seed'], lambda g: batch(train_ids, c, tok, g, device), c['baara_cost'], ctx)
              if c['baara'] else None)
     diagnostics = Diagnostics()
     iter_num, latest = 0, fresh_latest()
@@ -233,6 +233,8 @@ def main(argv):
                                       float(latest['update_norm']), latest['losses'])
             if master:
                 row = dict(**diag, train_loss=losses['train'], val_loss=losses['val'])
+                if c['model'] == 'gpt':  # comparable across tokenizers (BERT's loss covers masked tokens only)
+                    row['val_bpb'] = data.bits_per_byte(losses['val'])
                 if corpus is not None and tok.name == 'word' and c['model'] == 'gpt':
                     row['entropy_rate'] = corpus.entropy_rate()
                 log(log_file, row)

@@ -64,7 +64,7 @@ def test_confidence_reward_and_cost():
     assert confidence(math.log(11), 11) == pytest.approx(0.0)          # uniform prediction: c = 0
     assert confidence(0.0, 11) == 1.0                                   # certain prediction: c = 1
     model = tiny_model()
-    baara = BAARA(model, list(range(11)), 0, lambda g: fixed_batch())
+    baara = BAARA(model, [1] * 11, 0, lambda g: fixed_batch())
     y = torch.randint(11, (2, 8))
     for logits, c in ((torch.zeros(2, 8, 11), 0.0), (torch.full((2, 8, 11), -30.0).scatter(-1, y[..., None], 30.0), 1.0)):
         baara.start()
@@ -82,7 +82,7 @@ def test_confidence_reward_and_cost():
 def test_measured_cost_leaves_out_each_keeps_first_step():
     """C_b from step times (eq. 63): a keep's first step, where torch.compile compiles its graph
     (seconds against milliseconds), is not timed, or it would dominate the running mean."""
-    baara = BAARA(tiny_model(dmu_p=0.5), list(range(11)), 0, lambda g: fixed_batch())
+    baara = BAARA(tiny_model(dmu_p=0.5), [1] * 11, 0, lambda g: fixed_batch())
     baara.t_start = 0.0  # so that a clock stamp t_end is the step's seconds
     for keep, elapsed in ((0, 30.0), (0, 1.0), (1, 40.0), (1, 2.0)):  # keep 1 is off: p = 1
         baara.keep_now = keep
@@ -95,15 +95,15 @@ def test_measured_cost_leaves_out_each_keeps_first_step():
 def test_reference_gradient_runs_under_the_training_autocast():
     """g_ref (eq. 65) is computed under the ctx train.py passes: bf16 on a GPU, where float32
     would cost many times the 2.5% of a step that REF_FRACTION buys."""
-    fp32 = BAARA(tiny_model(), list(range(11)), 0, lambda g: fixed_batch()).g_ref
-    bf16 = BAARA(tiny_model(), list(range(11)), 0, lambda g: fixed_batch(),
+    fp32 = BAARA(tiny_model(), [1] * 11, 0, lambda g: fixed_batch()).g_ref
+    bf16 = BAARA(tiny_model(), [1] * 11, 0, lambda g: fixed_batch(),
                  ctx=torch.autocast('cpu', dtype=torch.bfloat16)).g_ref
     assert fp32.dtype == bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)
     assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > 0.99
 
 
 def test_reinforce_raises_the_probability_of_a_rewarded_action():
-    baara = BAARA(tiny_model(), list(range(11)), 0, lambda g: fixed_batch())
+    baara = BAARA(tiny_model(), [1] * 11, 0, lambda g: fixed_batch())
     s = torch.randn(len(B.FEATURES), dtype=torch.float64)
     before = baara.probs('alpha', s)[3].item()
     baara.baseline.count, baara.baseline.var = 10, torch.ones(1, dtype=torch.float64)  # mean 0, std 1
@@ -117,7 +117,7 @@ def test_keep_is_credited_with_the_reward_of_the_batch_it_runs_on():
     b+1's reward trains the keep head, on step b's state; batch b's reward trains only the alpha
     and scope drawn at step b. v_b is set by hand: +1000 for batch 0, -1000 for batch 1."""
     model, (x, y) = tiny_model(dmu_p=0.5), fixed_batch()
-    baara = BAARA(model, list(range(11)), 0, lambda g: (x, y), cost='flops')
+    baara = BAARA(model, [1] * 11, 0, lambda g: (x, y), cost='flops')
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     baara.baseline.count, baara.baseline.var = 10, torch.ones(1, dtype=torch.float64)  # advantage = r_b's own part
     for raw in torch.randn(2, len(B.FEATURES), dtype=torch.float64, generator=torch.Generator().manual_seed(0)):
@@ -151,7 +151,7 @@ def test_value_is_the_first_order_decrease_of_a_projected_step(scope, monkeypatc
     eq. 65 gives v = alpha eta |P_S(g)|^2 (C_b = 1 with the units off)."""
     monkeypatch.setattr(B, 'REF_FRACTION', 1.0)  # g_ref from the whole batch
     model, (x, y) = tiny_model(), fixed_batch()
-    baara = BAARA(model, list(range(11)), 0, lambda g: (x, y), cost='flops')
+    baara = BAARA(model, [1] * 11, 0, lambda g: (x, y), cost='flops')
     baara.heads['scope'][:, -1] = torch.tensor([50.0, 0.0] if scope == 'all' else [0.0, 50.0])  # force the scope
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     baara.start()
@@ -173,7 +173,7 @@ def test_inactive_blocks_do_not_move_under_adamw():
     """Momentum and weight decay would move a block whose gradient were merely zeroed."""
     model, (x, y) = tiny_model(), fixed_batch()
     optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.99), 'cpu')
-    baara = BAARA(model, list(range(11)), 0, lambda g: (x, y), cost='flops')
+    baara = BAARA(model, [1] * 11, 0, lambda g: (x, y), cost='flops')
     for force in ('all', 'all', 'top', 'top'):
         baara.heads['scope'][:, -1] = torch.tensor([50.0, 0.0] if force == 'all' else [0.0, 50.0])
         lower = [p.detach().clone() for b in model.transformer.h[:2] for p in b.parameters()]

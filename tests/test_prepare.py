@@ -97,6 +97,7 @@ def test_prepare_folder_char_and_jsonl_compact(tmp_path, gpt2):
     keep = meta['tokenizer']['keep']
     assert [keep[i] for i in np.concatenate([train, val])] == gpt2.encode(joined)
     assert keep == sorted(set(gpt2.encode(joined))) and meta['vocab_size'] == len(keep)
+    assert meta['token_counts'] == np.bincount(train, minlength=len(keep)).tolist()  # compact ids, train only
     assert data.load_data(out, 'gpt2-compact').tok.decode(np.concatenate([train, val]).tolist()) == joined
 
 
@@ -226,6 +227,8 @@ def test_load_bins_memmap(prepared, gpt2):
     assert d.word_counts == metrics.word_counts(open(src).read()) and isinstance(d.word_counts, Counter)
     assert d.bits_per_byte(2.0) == pytest.approx(2.0 * len(val) / (d.split_bytes['val'] * np.log(2)))
     assert data.load_data(out, 'gpt2').tok.name == 'gpt2'
+    # BAARA's rarity reads the training split's token counts from meta.json, never the bins themselves
+    assert d.token_counts.tolist() == np.bincount(np.asarray(train), minlength=tok.vocab_size).tolist()
     x, y = data.get_batch(train, 4, 16, torch.Generator().manual_seed(0), 'cpu')
     x2, y2 = data.get_batch(np.array(train, dtype=np.int32), 4, 16, torch.Generator().manual_seed(0), 'cpu')
     assert x.dtype == torch.long and torch.equal(x, x2) and torch.equal(y, y2)
