@@ -521,17 +521,18 @@ class RunLog:
 def logged_before(path, iter_num):
     """The lines of log.jsonl that a run resumed at iter_num keeps: as the unbroken run's log reads
     there. Step rows before iter_num, eval rows up to it (the saving run logged that eval before it
-    saved); a half-written last line goes too."""
+    saved); a half-written last line goes too (a row cut short is no JSON; one cut at its newline
+    is past the checkpoint)."""
     if not os.path.exists(path):
         return []
     keep = []
     for line in open(path):
         try:
             row = json.loads(line)
-            if line.endswith('\n') and row['iter'] < iter_num + ('val_loss' in row):
-                keep.append(line)
-        except (ValueError, TypeError, KeyError):
-            continue  # not a whole row
+        except ValueError:
+            continue  # half a row
+        if row['iter'] < iter_num + ('val_loss' in row):
+            keep.append(line)
     return keep
 
 
