@@ -420,8 +420,8 @@ RUN_FILES = ('ckpt.pt', 'log.jsonl', 'samples.txt', 'report.json')  # what a run
 def run_folder(c, master):
     """Holds out_dir for one run: rank 0 takes out_dir/.lock (take_lock), a fresh run is refused
     where a run already is (unless --overwrite=True), and rank 0 removes the *.tmp files a killed
-    run left. The lock goes when the run ends, normally or not; a folder made for it goes too if
-    the run left it empty."""
+    run left. The lock goes when the run ends, normally or by an error (a kill -9 or SIGTERM
+    leaves it, stale); a folder made for it goes too if the run left it empty."""
     made = master and not os.path.isdir(c['out_dir'])
     lock = take_lock(c['out_dir']) if master else None
     try:
@@ -441,7 +441,8 @@ def run_folder(c, master):
 
 def take_lock(out_dir):
     """out_dir/.lock, created with O_EXCL and holding 'PID HOST': a second run into the folder is
-    refused. A lock whose process is gone from this host (a kill -9) is stale and taken over."""
+    refused. A lock whose process is gone from this host (a kill -9) is stale and taken over (two
+    runs that find one stale lock at the same instant may both take it; a reused PID keeps it)."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, '.lock')
     for attempt in range(2):
@@ -471,6 +472,7 @@ def lock_holder(path):
 
 
 def pid_alive(pid):
+    """Whether a process with this PID exists on this host (signal 0 checks, sends nothing)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
