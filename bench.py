@@ -25,7 +25,7 @@ import torch
 
 import train
 from baara import BAARA, REF_EVERY
-from configurator import parse_flags
+from configurator import DEVICE, parse_flags, validate
 from data import load_data
 from metrics import high_frequency_set, text_metrics
 from model import GPT, MLP, GPTConfig, peak_flops
@@ -167,7 +167,10 @@ def gpu_rows(b, pair, size=GPT2, label='GPT-2 124M', vocab=50304):
 
 
 def main(argv):
-    b, _ = parse_flags(BENCH, argv)
+    rules = dict(steps='>= 1', warmup='>= 0', seed='>= 0', metrics_words='>= 1', threads='>= 0',
+                 device=DEVICE, dtype='float32 | bfloat16')  # configurator.py's rules, as train.py's
+    b, _ = parse_flags(BENCH, argv, rules)
+    validate(b, rules)
     if b['threads'] > 0:
         torch.set_num_threads(b['threads'])
     if b['device'].startswith('cuda:'):

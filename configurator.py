@@ -3,22 +3,35 @@ nanoGPT's configurator, made strict: `python train.py [config/file.py] [--key=va
 
 A config file is Python that assigns some of the keys; --key=value pairs come after it and win.
 Every key must already have a default, and every value must have the default's type (an int is
-accepted where a float is expected). Any mistake is a one-line error that names the valid keys.
---help prints the script's docstring and every key with its default (and its valid values).
+accepted where a float is expected). Every key also has a rule, its valid values, in a table
+beside the defaults; validate() checks a whole config against it once it is merged (a resumed
+run's included). Any mistake is a one-line error. --help prints the script's docstring and every
+key with its default and its rule, e.g. `--batch_size=32  (int >= 1)`.
+
+A rule is a short string:
+    '>= 1', '> 0'           a number compared with a bound
+    '[0, 1)', '(0, 1]'      a number in an interval ('[' and ']' include the bound)
+    'gpt | bert'            one of these strings; 'PATH' stands for any non-empty string and
+                            'cuda:N' for cuda:0, cuda:1, ...
+    'any'                   any value of the default's type (a bool, a seed)
+DEVICE is the rule of a device key; validate() also checks that the device is on this machine.
 """
 import ast
+import math
 import os
 import sys
 
+DEVICE = 'cpu | cuda | cuda:N | mps'
 
-def parse_flags(defaults, argv, choices={}):
-    """defaults: dict of key -> default value; choices: key -> valid values, shown by --help (the
-    caller checks them, after merging a resumed config). Returns (config dict, the keys set)."""
+
+def parse_flags(defaults, argv, rules=None):
+    """defaults: dict of key -> default value; rules: key -> rule, shown by --help (the caller
+    validates, after merging a resumed config). Returns (config dict, the keys set)."""
     config, given = dict(defaults), {}
     for arg in argv:
         if arg in ('-h', '--help'):
-            print((sys.modules['__main__'].__doc__ or '').strip() + '\n\nkeys and defaults:')
-            print('\n'.join(f'  --{key}={value!r}' + (f"  ({' | '.join(choices[key])})" if key in choices else '')
+            print((sys.modules['__main__'].__doc__ or '').strip() + '\n\nkeys, defaults and valid values:')
+            print('\n'.join(f'  --{key}={value!r}' + (f'  ({describe(rules[key], value)})' if key in (rules or {}) else '')
                             for key, value in defaults.items()))
             raise SystemExit(0)
         if not arg.startswith('--'):
@@ -31,6 +44,57 @@ def parse_flags(defaults, argv, choices={}):
         given[key] = coerce(key, value, defaults[key])
     config.update(given)
     return config, set(given)
+
+
+def validate(config, rules):
+    """One-line SystemExit for the first value outside its rule (keys without a rule pass)."""
+    for key, rule in rules.items():
+        value = config[key]
+        if not satisfies(value, rule):
+            want = f'one of {rule}' if '|' in rule else ('an ' if describe(rule, value)[0] in 'aeiou' else 'a ') + describe(rule, value)
+            raise SystemExit(f"error: {key}={value!r} is not {want}")
+        if rule == DEVICE and device_missing(value):
+            raise SystemExit(f"error: {key}={value!r} is not on this machine ({device_missing(value)}); use --{key}=cpu")
+
+
+def describe(rule, default):
+    """The rule as --help prints it: 'int >= 1', 'float in [0, 1)', 'gpt | bert', 'bool'."""
+    kind = type(default).__name__
+    if rule == 'any':
+        return kind
+    if rule == 'PATH':
+        return 'non-empty path'
+    if '|' in rule:
+        return rule
+    return f'{kind} in {rule}' if rule[0] in '[(' else f'{kind} {rule}'
+
+
+def satisfies(value, rule):
+    if rule == 'any':
+        return True
+    if rule == 'PATH' or '|' in rule:
+        return any(value == choice or (choice == 'PATH' and value != '') or
+                   (choice.endswith(':N') and value.startswith(choice[:-1]) and value[len(choice) - 1:].isdigit())
+                   for choice in rule.split(' | '))
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if rule[0] in '[(':  # an interval
+        low, high = (float(b) for b in rule[1:-1].split(','))
+        return (low < value if rule[0] == '(' else low <= value) and (value < high if rule[-1] == ')' else value <= high)
+    op, bound = rule.split()
+    return value > float(bound) if op == '>' else value >= float(bound)
+
+
+def device_missing(device):
+    """Why `device` is not usable on this machine, or '' when it is."""
+    import torch  # here, not at the top: --help needs no torch
+    if device.startswith('cuda'):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(device[5:] or 0) >= count:
+            return f'torch sees {count} CUDA GPU(s)'
+    if device == 'mps' and not torch.backends.mps.is_available():
+        return 'torch.backends.mps.is_available() is False'
+    return ''
 
 
 def read_config_file(path, defaults):

@@ -8,12 +8,15 @@ import sys
 
 import torch
 
-from configurator import parse_flags
+from configurator import DEVICE, parse_flags, validate
 from data import tokenizer_from_state
 from model import GPT, GPTConfig, load_checkpoint, load_model_state
 
 DEFAULTS = dict(out_dir='out', num_samples=5, max_new_tokens=64, temperature=1.0, top_k=0,
                 start='', mask_steps=10, seed=1337, device='cuda' if torch.cuda.is_available() else 'cpu')
+
+VALID = dict(out_dir='PATH', num_samples='>= 1', max_new_tokens='>= 1', temperature='>= 0', top_k='>= 0',
+             start='any', mask_steps='>= 1', seed='>= 0', device=DEVICE)  # configurator.py's rules, as train.py's
 
 
 @torch.no_grad()
@@ -44,7 +47,8 @@ def sample_texts(model, tok, n, max_new_tokens, temperature=1.0, top_k=0, start=
 
 
 def main(argv):
-    c, _ = parse_flags(DEFAULTS, argv)
+    c, _ = parse_flags(DEFAULTS, argv, VALID)
+    validate(c, VALID)
     path = f"{c['out_dir']}/ckpt.pt"
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or not {'model_args', 'model', 'tokenizer'} <= set(ckpt):

@@ -12,16 +12,17 @@ nanoGPT's names where nanoGPT has the same knob.
 import json
 import math
 import os
+import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict
 
 import torch
 
 import distributed
 from baara import BAARA
-from configurator import parse_flags
+from configurator import DEVICE, parse_flags, validate
 from data import get_batch, load_data, tokenizer_from_state
 from metrics import evaluate, summary
 from model import GPT, GPTConfig, SIZES, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_tokens, peak_flops
@@ -56,27 +57,39 @@ DEFAULTS = dict(
     dtype='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32',
     compile=False, seed=1337,
     fsdp=False,                   # under torchrun: shard parameters, gradients, optimiser state (FSDP2, fully_shard)
+    overwrite=False,              # a fresh run may replace the run already in out_dir (else it is refused)
 )
-CHOICES = dict(model=('gpt', 'bert'), size=tuple(SIZES), dmu_mode=('prob', 'fix', 'edge'),
-               psu_channels=('stats', 'params', 'both'), dtype=('float32', 'bfloat16'),
-               baara_cost=('time', 'flops'))
+# Each key's valid values (configurator.py: the rule strings; --help prints them), checked once the
+# config is merged (get_config): a value outside them is a one-line error before anything runs.
+VALID = dict(
+    out_dir='PATH', eval_interval='>= 1', log_interval='>= 1', eval_iters='>= 1',
+    init_from='scratch | resume | PATH',
+    data='synthetic | PATH', tokenizer='auto | word | char | gpt2 | gpt2-compact',
+    model='gpt | bert', size=' | '.join(SIZES),
+    n_layer='>= 1', n_head='>= 1', n_embd='>= 1', block_size='>= 1', dropout='[0, 1)', bias='any',
+    dmu_p='(0, 1]', dmu_mode='prob | fix | edge', dtu_r='(0, 1]',
+    batch_size='>= 1', gradient_accumulation_steps='>= 1', max_iters='>= 0',
+    learning_rate='> 0', weight_decay='>= 0', beta1='[0, 1)', beta2='[0, 1)', grad_clip='>= 0',
+    warmup_iters='>= 0', lr_decay_iters='>= 0', min_lr='>= 0',
+    psu_lambda='[0, 1]', psu_channels='stats | params | both', psu_beta='[0, 1]',
+    baara='any', baara_cost='time | flops',
+    num_samples='>= 1', sample_tokens='>= 1',
+    device=DEVICE, dtype='float32 | bfloat16', compile='any', seed='>= 0', fsdp='any', overwrite='any',
+)
+# Keys that fix the model's shape, data or vocabulary: a resumed run may only repeat the checkpoint's value
+SHAPE_KEYS = ('model', 'size', 'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'data', 'tokenizer')
 CKPT = 'ckpt.pt'
 
 
 def get_config(argv):
-    """Defaults <- (the resumed run's config) <- config file <- --key=value. A named size sets
-    n_layer/n_head/n_embd unless they are given too."""
-    config, given = parse_flags(DEFAULTS, argv, CHOICES)
+    """Defaults <- (the resumed run's config) <- config file <- --key=value, validated once merged
+    (VALID, then the checks across keys). A named size sets n_layer/n_head/n_embd unless they are
+    given too. Nothing is written anywhere until this has passed."""
+    config, given = parse_flags(DEFAULTS, argv, VALID)
+    validate(config, VALID)  # what was given: out_dir and init_from are read below
     if config['init_from'] == 'resume':
-        path = os.path.join(config['out_dir'], CKPT)
-        saved = load_checkpoint(path)
-        if not isinstance(saved, dict) or not isinstance(saved.get('config'), dict):
-            raise SystemExit(f"error: {path!r} is not a checkpoint written by train.py (it has no config)")
-        saved = saved['config']
-        config = {**DEFAULTS, **saved, **{k: config[k] for k in given}}  # keys newer than the checkpoint: defaults
-    for key, valid in CHOICES.items():
-        if config[key] not in valid:
-            raise SystemExit(f"error: {key}={config[key]!r} is not one of {', '.join(valid)}")
+        config = resumed_config(config, given)
+        validate(config, VALID)  # and what the checkpoint brought (its device, say)
     if 'size' in given and config['init_from'] != 'resume':
         for key, value in zip(('n_layer', 'n_head', 'n_embd'), SIZES[config['size']]):
             config[key] = config[key] if key in given else value
@@ -84,8 +97,38 @@ def get_config(argv):
             if 'model' in given and config['model'] != 'bert':
                 raise SystemExit(f"error: size={config['size']} is a BERT size; use --model=bert or a gpt2 size")
             config['model'] = 'bert'
-    if not 0 < config['dmu_p'] <= 1 or not 0 < config['dtu_r'] <= 1:
-        raise SystemExit("error: dmu_p and dtu_r must be in (0, 1]")
+    if config['n_embd'] % config['n_head']:
+        raise SystemExit(f"error: n_embd={config['n_embd']} is not a multiple of n_head={config['n_head']} "
+                         f"(each head gets n_embd // n_head dimensions)")
+    return config
+
+
+CKPT_KEYS = ('model', 'optimizer', 'config', 'model_args', 'tokenizer', 'iter_num', 'ranks', 'psu', 'baara',
+             'diagnostics', 'latest')  # what save_checkpoint writes and a resumed run reads
+
+
+def resumed_config(config, given):
+    """The checkpoint's config under the keys given now (keys newer than the checkpoint: defaults).
+    A key that fixes the model's shape, data or vocabulary may only repeat the checkpoint's value."""
+    out_dir, path = config['out_dir'], os.path.join(config['out_dir'], CKPT)
+    if not os.path.exists(path) and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
+        raise SystemExit(f"error: nothing to resume: {path!r} does not exist (the run in {out_dir!r} stopped "
+                         f"before its first checkpoint); start it again with --overwrite=True")
+    ckpt = load_checkpoint(path)
+    missing = [key for key in CKPT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing or not isinstance(ckpt['config'], dict):
+        raise SystemExit(f"error: {path!r} is not a checkpoint written by train.py (it has no {', '.join(missing or ['config'])})")
+    saved = ckpt['config']
+    for key in SHAPE_KEYS:
+        if key in given and key in saved and config[key] != saved[key]:
+            raise SystemExit(f"error: {key}={config[key]!r} does not match the checkpoint in {out_dir!r} ({key}="
+                             f"{saved[key]!r}): a resumed run keeps its model shape, data and tokenizer; drop --{key}, "
+                             f"or start a new run in another --out_dir")
+    config = {**DEFAULTS, **saved, **{k: config[k] for k in given}, 'out_dir': out_dir, 'init_from': 'resume',
+              'overwrite': config['overwrite']}
+    if config['max_iters'] < ckpt['iter_num']:  # the loop would never meet max_iters
+        raise SystemExit(f"error: max_iters={config['max_iters']} is below the iteration of the checkpoint in "
+                         f"{out_dir!r} ({ckpt['iter_num']}); resume with --max_iters={ckpt['iter_num']} or more")
     return config
 
 
@@ -183,6 +226,12 @@ def train_step(model, optimizer, next_batch, lr, psu=None, baara=None, accum=1, 
 def main(argv):
     c = get_config(argv)
     rank, world, c['device'] = distributed.setup(c['device'], c['fsdp'])
+    with run_folder(c, rank == 0):  # out_dir/.lock held to the end; a fresh run refused where a run is
+        run(c, rank, world)
+
+
+def run(c, rank, world):
+    """One run, in phases: data and model, the training loop, the end-of-run samples and report."""
     device, master = c['device'], rank == 0
     torch.manual_seed(c['seed'] + rank)                         # DMU/DTU draws, dropout, BERT's masks
     data_gen = torch.Generator().manual_seed(c['seed'] + rank)  # which windows this rank trains on
@@ -208,12 +257,11 @@ def main(argv):
     model = torch.compile(raw_model) if c['compile'] else raw_model
     model = distributed.wrap_ddp(model, device)
     if master:
-        os.makedirs(c['out_dir'], exist_ok=True)
         print(f"{c['model']}: {raw_model.get_num_params() / 1e6:.2f}M parameters, vocab {config.vocab_size} "
               f"({tok.name}), {len(train_ids):,} train / {len(val_ids):,} val tokens, {world} process(es) on {device}")
         if corpus is not None and tok.name == 'word':
             print(f"synthetic corpus: {len(corpus.templates)} modes, true entropy rate {corpus.entropy_rate():.4f} nats/token")
-    log_file = open(os.path.join(c['out_dir'], 'log.jsonl'), 'a' if ckpt is not None else 'w') if master else None
+    log = RunLog(c, iter_num, ckpt is not None) if master else None  # out_dir changes at its first row
 
     # ---- the training loop
     params = [p for p in raw_model.parameters() if p.requires_grad]
@@ -237,7 +285,7 @@ def main(argv):
                     row['val_bpb'] = data.bits_per_byte(losses['val'])
                 if corpus is not None and tok.name == 'word' and c['model'] == 'gpt':
                     row['entropy_rate'] = corpus.entropy_rate()
-                log(log_file, row)
+                log.write(row)
             if iter_num > iter_start:
                 save_checkpoint(checkpoint_path(c), raw_model, optimizer, psu, baara, diagnostics, data_gen,
                                 iter_num, latest, tok, c)
@@ -264,31 +312,39 @@ def main(argv):
             latest['losses'] = (latest['losses'] + [lossf])[-50:]
             now = time.time()
             tok_s = tokens_per_iter * steps_timed / (now - t_log)
-            eta = (now - t_start) / (iter_num + 1 - iter_start) * (c['max_iters'] - iter_num - 1)
+            eta = eta_field(now - t_start, iter_num + 1 - iter_start, c['max_iters'] - iter_num - 1)
             t_log, steps_timed = now, 0
             if master:
                 entropy = psu.statistics(logits.detach(), y)[0].item()  # for Fig. 3, with or without PSU
-                log(log_file, dict(iter=iter_num, loss=lossf, lr=lr, tok_per_s=round(tok_s), eta_s=round(eta),
-                                   entropy=entropy, grad_norm=latest['grad_norm'].item(),
-                                   update_norm=latest['update_norm'].item(), **psu.log(),
-                                   **(baara.log() if baara else {}), **device_stats(raw_model, tok_s / world, peak, device)))
+                log.write(dict(iter=iter_num, loss=lossf, lr=lr, tok_per_s=round(tok_s), **eta,
+                               entropy=entropy, grad_norm=latest['grad_norm'].item(),
+                               update_norm=latest['update_norm'].item(), **psu.log(),
+                               **(baara.log() if baara else {}), **device_stats(raw_model, tok_s / world, peak, device)))
         iter_num += 1
 
     # ---- end of run: samples and metrics, on rank 0 alone
     if c['fsdp']:
         raw_model = unsharded(raw_model, config, device)
     if master:
-        log_file.close()
-        finish(raw_model, tok, corpus, corpus_text, val_ids, diagnostics, c, device, ctx)
+        log.close()
+        finish(raw_model, tok, corpus, corpus_text, val_ids, diagnostics, iter_num, c, device, ctx)
     distributed.teardown()
 
 
 def load_gpt2(c):
     """init_from=PATH: GPT-2's weights -> (its GPTConfig, its state dict); the run takes GPT-2's tokenizer."""
+    weights = load_checkpoint(c['init_from'])
+    if isinstance(weights, dict) and {'model_args', 'config', 'tokenizer'} <= set(weights):  # save_checkpoint's
+        raise SystemExit(f"error: init_from={c['init_from']!r} is a checkpoint of train.py, not GPT-2 weights; to "
+                         f"continue that run use --init_from=resume --out_dir={os.path.dirname(c['init_from']) or '.'}")
     if c['tokenizer'] not in ('auto', 'gpt2'):
         raise SystemExit("error: GPT-2 weights need tokenizer=gpt2 (the full 50257-token vocabulary)")
     c['tokenizer'] = 'gpt2'
-    return load_gpt2_state_dict(load_checkpoint(c['init_from']))
+    args, state = load_gpt2_state_dict(weights)
+    if args.vocab_size < 50257:
+        raise SystemExit(f"error: init_from={c['init_from']!r} has {args.vocab_size} token embeddings; GPT-2 "
+                         f"weights have 50257 (or a padded 50304)")
+    return args, state
 
 
 def check_data(train_ids, val_ids, tok, ckpt, c):
@@ -346,10 +402,149 @@ def device_stats(model, tokens_per_s, peak, device):
     return out
 
 
-def log(log_file, row):
-    print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
-    log_file.write(json.dumps(row) + '\n')
-    log_file.flush()
+ETA_AFTER = 5  # steps timed since the start (or the resume) before a log row carries eta_s
+
+
+def eta_field(elapsed, steps_done, steps_left):
+    """{'eta_s': seconds left}, or {} before ETA_AFTER steps: the first steps (warm-up, compilation,
+    the first eval) say little about the rest."""
+    return {'eta_s': round(elapsed / steps_done * steps_left)} if steps_done >= ETA_AFTER else {}
+
+
+# -----------------------------------------------------------------------------
+# the run folder: one run's files, and only that run's. Nothing in it changes before the
+# configuration, data, model and first eval are known good: then the first log row claims it.
+
+RUN_FILES = ('ckpt.pt', 'log.jsonl', 'samples.txt', 'report.json')  # what a run writes into out_dir
+
+
+@contextmanager
+def run_folder(c, master):
+    """Holds out_dir for one run: rank 0 takes out_dir/.lock (take_lock), a fresh run is refused
+    where a run already is (unless --overwrite=True), and rank 0 removes the *.tmp files a killed
+    run left. The lock goes when the run ends, normally or by an error (a kill -9 or SIGTERM
+    leaves it, stale); a folder made for it goes too if the run left it empty."""
+    made = master and not os.path.isdir(c['out_dir'])
+    lock = take_lock(c['out_dir']) if master else None
+    try:
+        refuse_used_folder(c)
+        if master:
+            for name in RUN_FILES:
+                with suppress(FileNotFoundError):
+                    os.remove(os.path.join(c['out_dir'], name + '.tmp'))
+        yield
+    finally:
+        if lock:
+            with suppress(OSError):
+                os.remove(lock)
+                if made:
+                    os.rmdir(c['out_dir'])  # only if empty: a run that failed before its first row
+
+
+def take_lock(out_dir):
+    """out_dir/.lock, created with O_EXCL and holding 'PID HOST': a second run into the folder is
+    refused. A lock whose process is gone from this host (a kill -9) is stale and taken over (two
+    runs that find one stale lock at the same instant may both take it; a reused PID keeps it)."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, '.lock')
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = lock_holder(path)
+            if attempt == 0 and holder and holder[1] == socket.gethostname() and not pid_alive(holder[0]):
+                with suppress(FileNotFoundError):
+                    os.remove(path)  # stale
+                continue
+            who = f"process {holder[0]} on {holder[1]}" if holder else "a process that left it unreadable"
+            raise SystemExit(f"error: out_dir {out_dir!r} is in use by another run ({who}, see {path}); wait for "
+                             f"it or use another --out_dir (delete {path} if no run is using the folder)")
+        with os.fdopen(fd, 'w') as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        return path
+
+
+def lock_holder(path):
+    """(pid, host) from a lock file, or None when it cannot be read."""
+    try:
+        pid, host = open(path).read().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid):
+    """Whether a process with this PID exists on this host (signal 0 checks, sends nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def refuse_used_folder(c):
+    """A fresh run does not mix its files with another run's."""
+    if c['init_from'] == 'resume' or c['overwrite']:
+        return
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(c['out_dir'], name))]
+    if found:
+        raise SystemExit(f"error: out_dir {c['out_dir']!r} already holds a run ({', '.join(found)}); use a new "
+                         f"--out_dir, --init_from=resume to continue it, or --overwrite=True to replace it")
+
+
+class RunLog:
+    """log.jsonl (rank 0). The file is opened at the first row, or at close() if no row came:
+    a resumed run first drops the rows that its killed predecessor logged after the checkpoint;
+    a fresh run (into an empty folder, or --overwrite=True) first removes the old run's files."""
+
+    def __init__(self, c, iter_num, resumed):
+        self.c, self.iter_num, self.resumed, self.file = c, iter_num, resumed, None
+
+    def write(self, row):
+        print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
+        self.file = self.file or self.open()
+        self.file.write(json.dumps(row) + '\n')
+        self.file.flush()
+
+    def open(self):
+        path = os.path.join(self.c['out_dir'], 'log.jsonl')
+        if self.resumed:
+            write_atomic(path, ''.join(logged_before(path, self.iter_num)))
+            return open(path, 'a')
+        for name in RUN_FILES:
+            with suppress(FileNotFoundError):
+                os.remove(os.path.join(self.c['out_dir'], name))
+        return open(path, 'w')
+
+    def close(self):
+        (self.file or self.open()).close()
+
+
+def logged_before(path, iter_num):
+    """The lines of log.jsonl that a run resumed at iter_num keeps: as the unbroken run's log reads
+    there. Step rows before iter_num, eval rows up to it (the saving run logged that eval before it
+    saved); a half-written last line goes too (a row cut short is no JSON; one cut at its newline
+    is past the checkpoint)."""
+    if not os.path.exists(path):
+        return []
+    keep = []
+    for line in open(path):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # half a row
+        if row['iter'] < iter_num + ('val_loss' in row):
+            keep.append(line)
+    return keep
+
+
+def write_atomic(path, text):
+    """Write a file whole or not at all: a kill leaves the old file or the new one, and a *.tmp."""
+    with open(path + '.tmp', 'w') as f:
+        f.write(text)
+    os.replace(path + '.tmp', path)
 
 
 # -----------------------------------------------------------------------------
@@ -410,18 +605,17 @@ def stop_nonfinite(iter_num, c):
                      f"checkpoint in {c['out_dir']!r} is untouched")
 
 
-def finish(model, tok, corpus, corpus_text, val_ids, diagnostics, c, device, ctx):
-    """End of run: samples to samples.txt, metrics and the stability verdict to report.json."""
+def finish(model, tok, corpus, corpus_text, val_ids, diagnostics, iter_num, c, device, ctx):
+    """End of run: samples to samples.txt, metrics and the stability verdict to report.json, which
+    also says which run made it: its config and the iteration of its model (and checkpoint)."""
     with ctx:
         texts = sample_texts(model, tok, c['num_samples'], c['sample_tokens'], device=device, seed=c['seed'])
-    with open(os.path.join(c['out_dir'], 'samples.txt'), 'w') as f:
-        f.write('\n=====\n'.join(texts))
+    write_atomic(os.path.join(c['out_dir'], 'samples.txt'), '\n=====\n'.join(texts))
     verdict = diagnostics.verdict()
     metrics = evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=c['batch_size'],
                        device=device, ctx=ctx, seed=c['seed'])
-    report = dict(config=c, stability=verdict, metrics=metrics)
-    with open(os.path.join(c['out_dir'], 'report.json'), 'w') as f:
-        json.dump(report, f, indent=1)
+    report = dict(config=c, iter_num=iter_num, stability=verdict, metrics=metrics)
+    write_atomic(os.path.join(c['out_dir'], 'report.json'), json.dumps(report, indent=1))
     print(summary(metrics))
     print(f"stability: {verdict['verdict']}; {len(texts)} samples in {c['out_dir']}/samples.txt, e.g.:")
     for t in texts[:3]:

@@ -22,7 +22,7 @@ COLLAPSE=${COLLAPSE:-1.8}  # nats (set it for a text file: its entropy rate is n
 run() {  # run NAME flags...
   local dir=$out/$1; shift
   [ -f "$dir/report.json" ] && return
-  python train.py config/table62.py config/ablation63.py "${flags[@]}" --out_dir="$dir" "$@" "${extra[@]}"
+  python train.py config/table62.py config/ablation63.py "${flags[@]}" --out_dir="$dir" --overwrite=True "$@" "${extra[@]}"
 }
 for lam in 0.0 0.05 0.2; do
   run full-l$lam --psu_lambda=$lam

@@ -18,7 +18,7 @@ if [ "${1:-}" = --gpu ]; then scale+=(config/table62_gpu.py) text_tok=--tokenize
 run() {  # run NAME flags...: skip runs that already finished, so the sweep can be resumed
   local dir=$out/$1; shift
   [ -f "$dir/report.json" ] && return
-  ${LAUNCH:-python} train.py "${scale[@]}" --out_dir="$dir" "$@" "${extra[@]}"
+  ${LAUNCH:-python} train.py "${scale[@]}" --out_dir="$dir" --overwrite=True "$@" "${extra[@]}"  # an interrupted run restarts
 }
 extra=("$@")
 table() {  # table NAME flags...: GPT at three seeds and BERT at seed 2026, each lambda
