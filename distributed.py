@@ -141,11 +141,13 @@ def gather_objects(obj):
 # -----------------------------------------------------------------------------
 # FSDP2: sharded model and optimiser, whole state dicts in one checkpoint file
 
-def build_fsdp(config, device, world, dtype='float32'):
+def build_fsdp(config, device, world, dtype='float32', state=None, seed=0):
     """FSDP2 without ever holding the whole model: build on the meta device, fully_shard each Block
-    then the root (tied wte/lm_head stay one parameter), then allocate only this rank's shards.
-    With bfloat16 the shards are gathered in bf16 (half the traffic) and the gradients reduced in
-    float32; the optimiser, PSU and BAARA keep working on the float32 shards."""
+    then the root (tied wte/lm_head stay one parameter), then allocate only this rank's shards and
+    fill them: from the whole state dict `state` (read from rank 0's copy: every rank maps the file,
+    none copies it), or GPT-2's init. With bfloat16 the shards are gathered in bf16 (half the
+    traffic) and the gradients reduced in float32; the optimiser, PSU and BAARA keep working on
+    the float32 shards. seed: this rank's, for the CUDA generator after the init."""
     from model import GPT
     with torch.device('meta'):
         model = GPT(config)
@@ -155,7 +157,25 @@ def build_fsdp(config, device, world, dtype='float32'):
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
-    return model.to_empty(device=device)
+    model.to_empty(device=device)
+    if state is not None:
+        set_model_state_dict(model, state, options=FROM_RANK0)
+        return model
+    model.init_weights()  # on the local shards
+    torch.cuda.manual_seed(seed)  # on a GPU, DTensor's init gave every rank rank 0's generator
+    return model
+
+
+def unsharded(model, config, device):
+    """The whole model on rank 0 (None elsewhere), for the end-of-run samples and metrics."""
+    from model import GPT
+    state = get_model_state_dict(model, options=WHOLE)
+    if not is_rank0():
+        return None
+    with torch.device('meta'):
+        model = GPT(config)
+    model.to_empty(device=device).load_state_dict(state)
+    return model
 
 
 WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)          # gathered onto rank 0's CPU
@@ -174,21 +194,10 @@ def whole_state_dicts(model, optimizer):
     return model_state, rekey(optim_state, {n: i for i, n in enumerate(optimizer_fqns(model, optimizer))})
 
 
-def load_sharded_model(model, model_state):
-    """Load a whole state dict into FSDP's shards, read from rank 0's copy (every rank maps the file,
-    none copies it)."""
-    set_model_state_dict(model, model_state, options=FROM_RANK0)
-
-
 def load_optimizer(model, optimizer, optim_state):
     if not is_sharded(model.parameters()):
         return optimizer.load_state_dict(optim_state)
     set_optimizer_state_dict(model, optimizer, rekey(optim_state, optimizer_fqns(model, optimizer)), options=FROM_RANK0)
-
-
-def whole_model_state(model):
-    """The whole model's state dict on rank 0's CPU (a collective under FSDP)."""
-    return get_model_state_dict(model, options=WHOLE)
 
 
 def optimizer_fqns(model, optimizer):
