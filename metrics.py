@@ -1,15 +1,16 @@
 """
-Metrics of Sec. 6: plain functions on tokens, text, logits or hidden states; evaluate() computes all of them
-at the end of a training run (train.py writes them to report.json), and a small CLI:
+Metrics of Sec. 6 as plain functions on tokens, text, logits or hidden states; evaluate() computes
+them all at the end of a training run (train.py writes them to report.json). The CLI:
 
-    python metrics.py RUN_DIR...                      # Table 6.2 (ours / paper), other metrics, cross-seed
-    python metrics.py --fig3 RUN_DIR... [--out=fig3.png] [--bins=12]   # Fig. 3, loss-entropy density
-    python metrics.py --corpus=FILE --text=FILE [--fraction=0.25]      # HF proportion of any text
+    python metrics.py RUN_DIR...                  # Table 6.2 (ours / paper), other metrics, seeds
+    python metrics.py --fig3 RUN_DIR... [--out=fig3.png] [--bins=12]  # Fig. 3, loss-entropy density
+    python metrics.py --corpus=FILE --text=FILE [--fraction=0.25]     # HF proportion of any text
 
-Choices the paper leaves open (DESIGN.md): text metrics count words (`[A-Za-z']+`, lowercased), not tokens, so that
-runs with different tokenizers compare; end-of-text in generated text is '\\n' (a line end in a text file) and a
-"sentence" is a segment it closes; modes are corpus.mode_of's templates on the synthetic corpus, else words; the text
-metrics are also computed on the corpus cut like the samples (reference_texts), to compare at the same sample size.
+Choices the paper leaves open, made here: text metrics count words ([A-Za-z']+, lowercased), not
+tokens, so that runs with different tokenizers compare; end-of-text in generated text is '\\n' and
+a "sentence" is a segment it closes; modes are corpus.mode_of's templates on the synthetic corpus,
+else words; the text metrics are also computed on the corpus cut like the samples
+(reference_texts), to compare at the same sample size.
 """
 import json
 import math
@@ -23,13 +24,14 @@ import numpy as np
 import torch
 
 from data import get_batch, read_text
-from model import mask_tokens
+from model import mask_id, mask_tokens
 
-PAPER_LAMBDAS = (0.0, 0.05, 0.2)  # PAPER: the high-frequency word proportion (%) of Table 6.2 at these lambdas
+PAPER_LAMBDAS = (0.0, 0.05, 0.2)  # PAPER: Table 6.2's high-frequency word proportion (%) at these
 PAPER = {('gpt', 2025, '1B'): (27.5, 67.8, 100.0), ('gpt', 2026, '1B'): (26.7, 61.2, 100.0),
          ('gpt', 2027, '1B'): (26.3, 68.3, 100.0), ('bert', 2026, '1B'): (23.5, 56.3, 100.0),
          ('gpt', 2026, '2B'): (24.2, 58.2, 100.0), ('gpt', 2026, '3B'): (21.9, 56.1, 100.0)}
-ABLATION = {'psu_channels': 'both', 'dmu_p': 1.0, 'dtu_r': 1.0, 'baara': False}  # shown in a row label when not this
+# the default of each ablation setting: a row label names the settings a run changed
+ABLATION = {'psu_channels': 'both', 'dmu_p': 1.0, 'dtu_r': 1.0, 'baara': False}
 
 def words(text):
     """The words of a text: maximal runs of [A-Za-z'], lowercased."""
@@ -41,8 +43,8 @@ def word_counts(text):
     return Counter({vocab[i]: int(c) for i, c in enumerate(np.bincount(ids)) if i > SEP and c})
 
 def high_frequency_set(corpus_text, fraction=0.25):
-    """The smallest set of the corpus's (or a Counter's) most frequent words covering `fraction` of its word
-    occurrences: words ranked by count (ties alphabetically), the shortest prefix summing to >= fraction * total."""
+    """The smallest set of a corpus text's (or a Counter's) most frequent words (ranked by count,
+    ties alphabetically) covering `fraction` of its word occurrences."""
     assert 0 < fraction <= 1, fraction
     counts = corpus_text if isinstance(corpus_text, Counter) else word_counts(corpus_text)
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -50,13 +52,13 @@ def high_frequency_set(corpus_text, fraction=0.25):
     return {w for w, _ in ranked[:int(np.searchsorted(cum, fraction * cum[-1])) + 1]}
 
 def high_frequency_proportion(text, hf_set):
-    """Share of the words of `text` (a string, a list of words or a dict word -> count) that are in hf_set."""
+    """Share of the words of `text` (a string, list of words or dict word -> count) in hf_set."""
     counts = Counter(words(text) if isinstance(text, str) else text)
     total = sum(counts.values())
     return sum(counts[w] for w in hf_set) / total if total else float('nan')
 
 def predictive_entropy(logits, mask=None):
-    """Mean over positions (those where mask is True) of the entropy, in nats, of softmax(logits)."""
+    """Mean over positions (those where mask is True) of the entropy (nats) of softmax(logits)."""
     h = torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(-1)
     return (h[mask] if mask is not None else h).mean().item()
 
@@ -66,16 +68,14 @@ def eot_mass(logits, eot, mask=None):
     return (p[mask] if mask is not None else p).mean().item()
 
 def sample_entropy(tokens, counts=None):
-    """Entropy (nats) of the unigram distribution of generated tokens or words (plug-in estimate);
-    or, given `counts`, of the distribution proportional to them."""
+    """Plug-in entropy (nats) of the unigram distribution of generated tokens, or of `counts`."""
     c = np.asarray(list(Counter(tokens).values()) if counts is None else counts, dtype=np.float64)
     p = c[c > 0] / c.sum()
     return float(-(p * np.log(p)).sum())
 
 def effective_rank(hidden):
-    """Roy & Vetterli (2007): exp of the Shannon entropy of the singular values normalised to sum 1, of the
-    (N, d) matrix of hidden states (any leading dims are flattened; not centred). Singular values below
-    numpy's numerical-rank tolerance (s_max * max(N, d) * eps of the input dtype) are 0."""
+    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of the (N, d)
+    hidden states (leading dims flattened, not centred), those under numpy's rank tolerance 0."""
     h = torch.as_tensor(hidden).detach()
     eps = torch.finfo(h.dtype if h.is_floating_point() else torch.float64).eps
     h = h.reshape(-1, h.shape[-1]).double()
@@ -83,28 +83,31 @@ def effective_rank(hidden):
     s = s[s > s.max() * eps * max(h.shape)]
     return math.exp(torch.special.entr(s / s.sum()).sum().item())
 
-# Fast tokenisation of many texts at once, equal to words() (tested): bytes.translate keeps [A-Za-z'] (lowercased),
-# turns '\n' into NL (id 0) and every other byte (UTF-8's multi-byte characters too) into a space; SEP (id 1) ends a text.
-TABLE = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or c == 39 else 1 if c == 10 else 32 for c in range(256))
+# tokenize() equals words() (tested), fast: bytes.translate with BYTE_TO_WORD_CHAR keeps a-z and '
+# (A-Z lowercased), turns '\n' into \x01 (the word NL, id 0) and any other byte into a space.
+BYTE_TO_WORD_CHAR = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or c == 39
+                          else 1 if c == 10 else 32 for c in range(256))
 NL, SEP = 0, 1
-Encoded = namedtuple('Encoded', 'ids lens vocab')  # many sequences at once: flat int64 ids, lengths, vocabulary size
+Encoded = namedtuple('Encoded', 'ids lens vocab')  # sequences: flat int64 ids, lengths, vocab size
 
 def tokenize(texts):
-    """-> (vocabulary: list of words, flat int64 ids: words >= 2, NL = '\\n', SEP after each text)."""
-    big = b' \x02 '.join(t.encode('utf-8', 'replace').translate(TABLE) for t in texts) + b' \x02'
-    tokens = big.replace(b'\x01', b' \x01 ').split()
+    """Many texts -> (vocabulary, flat int64 ids: words >= 2, NL = '\\n', SEP ends a text)."""
+    big = b' \x02 '.join(t.encode('utf-8', 'replace').translate(BYTE_TO_WORD_CHAR) for t in texts)
+    tokens = (big + b' \x02').replace(b'\x01', b' \x01 ').split()
     index = {w: i for i, w in enumerate(dict.fromkeys([b'\x01', b'\x02'] + tokens))}
-    return [w.decode() for w in index], np.fromiter(map(index.__getitem__, tokens), dtype=np.int64, count=len(tokens))
+    ids = np.fromiter(map(index.__getitem__, tokens), dtype=np.int64, count=len(tokens))
+    return [w.decode() for w in index], ids
 
 def encode(seqs):
     """Sequences of hashable tokens -> Encoded."""
     index = {}
     flat = [index.setdefault(t, len(index)) for s in seqs for t in s]
-    return Encoded(np.array(flat, dtype=np.int64), np.array([len(s) for s in seqs], dtype=np.int64), len(index))
+    lens = np.array([len(s) for s in seqs], dtype=np.int64)
+    return Encoded(np.array(flat, dtype=np.int64), lens, len(index))
 
 def ngrams(seqs, n):
-    """(codes, seq) of sequences (or an Encoded): one integer code per n-gram (n-grams never cross sequences)
-    and the index of its sequence. Codes are exact when vocab**n < 2**64, else a 64-bit rolling hash."""
+    """(codes, seq) of sequences (or an Encoded): an integer code per n-gram (none crosses two
+    sequences) and its sequence; exact when vocab**n < 2**64, else a 64-bit rolling hash."""
     ids, lens, vocab = seqs if isinstance(seqs, Encoded) else encode(seqs)
     seq = np.repeat(np.arange(len(lens)), lens)
     pos = np.flatnonzero(np.arange(len(ids)) + n <= np.repeat(np.cumsum(lens), lens))
@@ -120,30 +123,31 @@ def distinct_n(seqs, n):
     return (1 + np.count_nonzero(c[1:] != c[:-1])) / len(c) if len(c) else float('nan')
 
 def seq_rep_n(seqs, n=4):
-    """seq-rep-n (Welleck et al. 2019): per sequence 1 - unique n-grams / total n-grams, averaged over the
-    sequences that have an n-gram. A sequence looping with period p over L tokens scores 1 - p / (L - n + 1)
-    (close to 1, not 1); a sequence of distinct tokens scores 0."""
+    """seq-rep-n (Welleck et al. 2019): per sequence 1 - unique n-grams / total n-grams, averaged
+    over the sequences that have an n-gram. A sequence looping with period p over L tokens scores
+    1 - p / (L - n + 1) (close to 1, not 1); a sequence of distinct tokens scores 0."""
     codes, seq = ngrams(seqs, n)
     if not len(codes):
         return float('nan')
     order = np.lexsort((codes, seq))
     c, s = codes[order], seq[order]
     total = np.bincount(s)
-    unique = np.bincount(s[np.r_[True, (c[1:] != c[:-1]) | (s[1:] != s[:-1])]], minlength=len(total))
+    first = np.r_[True, (c[1:] != c[:-1]) | (s[1:] != s[:-1])]  # an n-gram's first in its sequence
+    unique = np.bincount(s[first], minlength=len(total))
     return float(np.mean(1 - unique[total > 0] / total[total > 0]))
 
 def loop_share(seqs, max_period=10, tail=20):
-    """Share of sequences stuck in a loop: whose last tail + p tokens are periodic with some period p <=
-    max_period (seq[i] == seq[i - p] over the last `tail` positions), at least 3 repeats for p <= tail / 2.
-    Sequences shorter than tail + 1 never are (positions before a sequence's start are padded with values
-    that match nothing)."""
+    """Share of sequences stuck in a loop: seq[i] == seq[i - p] over their last `tail` positions
+    for some period p <= max_period (3+ repeats for p <= tail / 2); never under tail + 1 tokens."""
     ids, lens, _ = seqs if isinstance(seqs, Encoded) else encode(seqs)
     if not len(lens):
         return float('nan')
     width, ends = tail + max_period, np.cumsum(lens)
     at = ends[:, None] - width + np.arange(width)  # the last `width` positions of each
-    w = np.where(at < (ends - lens)[:, None], -1 - np.arange(width), np.append(ids, 0)[np.clip(at, 0, len(ids))])
-    periodic = [(w[:, width - tail:] == w[:, width - tail - p:width - p]).all(1) for p in range(1, max_period + 1)]
+    w = np.append(ids, 0)[np.clip(at, 0, len(ids))]
+    w = np.where(at < (ends - lens)[:, None], -1 - np.arange(width), w)  # before a start: no match
+    last = w[:, width - tail:]
+    periodic = [(last == w[:, width - tail - p:width - p]).all(1) for p in range(1, max_period + 1)]
     return float(np.any(periodic, axis=0).mean())
 
 def smallest_set(mass, eps):
@@ -152,19 +156,19 @@ def smallest_set(mass, eps):
     return int(np.searchsorted(np.cumsum(m) / m.sum(), 1 - eps - 1e-12)) + 1
 
 def mode_concentration(labels, eps=0.05, ks=(1, 5)):
-    """Def. 3.2 on generated samples. labels: the mode of each generated sentence (or word), None = in no mode
-    (or an int array, -1 = in no mode). Over the labelled ones: modes_for_mass = the smallest number of modes
-    holding 1 - eps of the generated mass, top{k}_mass = the mass on the k most frequent modes, n_modes = the
-    number of distinct modes produced; none_share = the share of labels in no mode."""
-    if not isinstance(labels, np.ndarray):
-        index = {}
-        labels = np.array([-1 if x is None else index.setdefault(x, len(index)) for x in labels], dtype=np.int64)
+    """Def. 3.2 on generated samples. labels: each generated sentence's (or word's) mode, None (-1
+    in an int array) = in no mode. Over the labelled ones: n_modes = the distinct modes produced,
+    modes_for_mass = the fewest modes holding 1 - eps of the mass, top{k}_mass = the mass on the k
+    most frequent modes; none_share = the share of labels in no mode."""
+    if not isinstance(labels, np.ndarray):  # None -> -1, the modes -> 0, 1, ... as they come
+        index = {None: -1}
+        labels = np.array([index.setdefault(x, len(index) - 1) for x in labels], dtype=np.int64)
     counts, n_none = np.bincount(labels[labels >= 0]), int((labels < 0).sum())
     counts = np.sort(counts[counts > 0])[::-1]
     n, total = counts.sum(), counts.sum() + n_none
     top = np.cumsum(counts) / max(n, 1)
-    return dict(n_labels=int(total), none_share=float(n_none / total) if total else float('nan'), n_modes=len(counts),
-                modes_for_mass=smallest_set(counts, eps) if n else None,
+    return dict(n_labels=int(total), none_share=float(n_none / total) if total else float('nan'),
+                n_modes=len(counts), modes_for_mass=smallest_set(counts, eps) if n else None,
                 **{f'top{k}_mass': float(top[min(k, len(top)) - 1]) if n else None for k in ks})
 
 def template_labels(corpus, vocab, ids, sent, n_sent):
@@ -175,54 +179,62 @@ def template_labels(corpus, vocab, ids, sent, n_sent):
     assert base ** (longest + 1) < 2 ** 53, "too many slots for exact float64 codes"
     symbol = {s: k + 1 for k, s in enumerate(slots)}
     sym = np.array([symbol.get(corpus.slot_of.get(w), 0) for w in vocab], dtype=np.int64)[ids]
-    k = np.arange(len(ids)) - np.searchsorted(sent, np.arange(n_sent))[sent]  # position in the (sorted) sentence
-    length = np.bincount(sent, minlength=n_sent)  # a sentence with a word in no slot, or too long or empty, is in none
-    bad = (np.bincount(sent, weights=sym == 0, minlength=n_sent) > 0) | (length > longest) | (length == 0)
-    code = np.bincount(sent, weights=np.where(k < longest, sym * float(base) ** np.minimum(k, longest), 0),
-                       minlength=n_sent).astype(np.int64)
-    mode = {sum(symbol[s] * base ** i for i, s in enumerate(t)): m for m, t in enumerate(corpus.templates)}
-    return np.where(bad, -1, np.array([mode.get(c, -1) for c in code.tolist()], dtype=np.int64))
+    k = np.arange(len(ids)) - np.searchsorted(sent, np.arange(n_sent))[sent]  # position in sentence
+    length = np.bincount(sent, minlength=n_sent)
+    no_slot = np.bincount(sent, weights=sym == 0, minlength=n_sent) > 0  # has a word in no slot
+    digits = np.where(k < longest, sym * float(base) ** np.minimum(k, longest), 0)
+    code = np.bincount(sent, weights=digits, minlength=n_sent).astype(np.int64)
+    mode = {sum(symbol[s] * base ** i for i, s in enumerate(t)): m
+            for m, t in enumerate(corpus.templates)}
+    labels = np.array([mode.get(c, -1) for c in code.tolist()], dtype=np.int64)
+    return np.where(no_slot | (length > longest) | (length == 0), -1, labels)
 
 def sentences(ids):
-    """Sentences of tokenize()'s ids: (sentence index of every token, which sentences are complete).
-    A sentence is a segment closed by end-of-text (NL); the unfinished last one of each sample is not."""
+    """(sentence index of each of tokenize()'s ids, which sentences are complete): a sentence is a
+    segment closed by end-of-text (NL); each sample's unfinished last one is not complete."""
     sent = np.cumsum(np.r_[True, ((ids == NL) | (ids == SEP))[:-1]]) - 1
     complete = np.zeros(sent.max(initial=-1) + 1, dtype=bool)
     complete[sent[ids == NL]] = True
     return sent, complete
 
 def text_metrics(texts, hf_set, corpus=None, drop_first=False, eps=0.05):
-    """All text metrics of a list of generated samples. Sentences: a sample's unfinished last one is not counted,
-    nor with drop_first (BERT, whose window starts anywhere in the corpus) its first one. Lengths: words before
-    the first end-of-text of each sample; length_mean/std over the samples that emit one, terminated = the share
-    that do (for BERT read sentence_length_mean instead). Modes: templates on the synthetic corpus, else words."""
+    """All text metrics of a list of generated samples. Sentences: a sample's unfinished last one
+    is not counted, nor with drop_first (BERT, whose window starts anywhere) its first one.
+    Lengths: words before each sample's first end-of-text; length_mean/std over the samples that
+    emit one, terminated = the share that do (BERT: read sentence_length_mean)."""
     vocab, ids = tokenize(texts)
     word, sep = ids > SEP, ids == SEP
-    enc = Encoded(ids[word], np.bincount((np.cumsum(sep) - sep)[word], minlength=len(texts)), len(vocab))
+    sample = (np.cumsum(sep) - sep)[word]  # the sample of each word
+    enc = Encoded(ids[word], np.bincount(sample, minlength=len(texts)), len(vocab))
     counts = np.bincount(enc.ids, minlength=len(vocab))
     sent, complete = sentences(ids)
     sent_words = np.bincount(sent[word], minlength=len(complete))
     first = sent[np.r_[0, np.flatnonzero(sep)[:-1] + 1]]  # the first sentence of each sample
     lengths = sent_words[first[complete[first]]]
     complete[first] &= not drop_first  # BERT: nor the first
-    labels = enc.ids if corpus is None else template_labels(corpus, vocab, ids[word], sent[word], len(complete))[complete]
-    return dict(n_samples=len(texts), n_words=len(enc.ids), sample_entropy=sample_entropy(None, counts),
-                hf_proportion=high_frequency_proportion(dict(zip(vocab, counts.tolist())), hf_set),
-                **{f'distinct_{n}': distinct_n(enc, n) for n in (1, 2, 3)}, seq_rep_4=seq_rep_n(enc, 4),
-                loop_share=loop_share(enc), terminated=len(lengths) / len(texts),
-                length_mean=float(lengths.mean()) if len(lengths) else None,
-                length_std=float(lengths.std()) if len(lengths) else None,
-                length_hist={str(k): int(v) for k, v in zip(*np.unique(lengths, return_counts=True))},
-                sentence_length_mean=float(sent_words[complete].mean()) if complete.any() else None,
-                **mode_concentration(labels, eps), modes_kind='words' if corpus is None else 'templates')
+    labels = (enc.ids if corpus is None  # modes: templates on the synthetic corpus, else words
+              else template_labels(corpus, vocab, ids[word], sent[word], len(complete))[complete])
+    hf = high_frequency_proportion(dict(zip(vocab, counts.tolist())), hf_set)
+    hist = {str(k): int(v) for k, v in zip(*np.unique(lengths, return_counts=True))}
+    mean, std = (float(lengths.mean()), float(lengths.std())) if len(lengths) else (None, None)
+    sentence_mean = float(sent_words[complete].mean()) if complete.any() else None
+    return dict(n_samples=len(texts), n_words=len(enc.ids),
+                sample_entropy=sample_entropy(None, counts), hf_proportion=hf,
+                **{f'distinct_{n}': distinct_n(enc, n) for n in (1, 2, 3)},
+                seq_rep_4=seq_rep_n(enc, 4), loop_share=loop_share(enc),
+                terminated=len(lengths) / len(texts), length_mean=mean, length_std=std,
+                length_hist=hist, sentence_length_mean=sentence_mean,
+                **mode_concentration(labels, eps),
+                modes_kind='words' if corpus is None else 'templates')
 
 def cross_seed(reports):
     """{metric: (mean, std)} over a list of metric dicts (one per seed), for the numeric metrics
     every dict has; std is the sample standard deviation (ddof=1), 0 for a single seed."""
-    keys = [k for k, v in reports[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and all(isinstance(r.get(k), (int, float)) for r in reports)]
+    number = (int, float)
+    keys = [k for k, v in reports[0].items() if isinstance(v, number) and not isinstance(v, bool)
+            and all(isinstance(r.get(k), number) for r in reports)]
     arr = {k: np.array([r[k] for r in reports], dtype=np.float64) for k in keys}
-    return {k: (float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0) for k, a in arr.items()}
+    return {k: (float(a.mean()), float(a.std(ddof=1) if len(a) > 1 else 0)) for k, a in arr.items()}
 
 def reference_texts(corpus_text, texts):
     """The corpus cut like the samples: len(texts) consecutive pieces of the mean sample length
@@ -235,51 +247,58 @@ def reference_texts(corpus_text, texts):
     return pieces
 
 @torch.no_grad()
-def evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=8, n_batches=4, device='cpu',
-             ctx=nullcontext(), fraction=0.25, eps=0.05, seed=0):
-    """Every metric of a trained model (raw GPT) and its generated texts, as one JSON-able dict: the text metrics,
-    'corpus' = the same on reference_texts(corpus_text, texts), and on n_batches fixed validation batches the
-    predictive entropy (all positions for GPT, the masked ones for BERT), the end-of-text mass and the effective
-    rank of the final hidden states."""
+def evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=8, n_batches=4,
+             device='cpu', ctx=nullcontext(), fraction=0.25, eps=0.05, seed=0):
+    """Every metric of a trained model (raw GPT) and its texts, as a JSON-able dict: text_metrics,
+    'corpus' = the same on reference_texts(corpus_text, texts), and on n_batches fixed validation
+    batches the predictive entropy (BERT: at masked positions), EOT mass and effective rank."""
     counts, cfg, was_training, mask = word_counts(corpus_text), model.config, model.training, None
-    hf, bert = high_frequency_set(counts, fraction), not cfg.causal
+    hf, bert, eot = high_frequency_set(counts, fraction), not cfg.causal, tok.eot
     model.eval()
     gen, ent, eotm, hidden = torch.Generator().manual_seed(seed), [], [], []
     for _ in range(n_batches):
         x, _ = get_batch(val_ids, batch_size, min(cfg.block_size, len(val_ids) - 2), gen, 'cpu')
-        if bert:  # masked as in training
-            x, y = mask_tokens(x, cfg.vocab_size - 1, cfg.vocab_size - 1, generator=gen)
+        if bert:  # masked as in training: random replacements are the tokenizer's tokens
+            x, y = mask_tokens(x, mask_id(cfg.vocab_size), tok.vocab_size, generator=gen)
             mask = (y != -1).to(device)
         with ctx:
-            logits = model.lm_head(h := model.hidden(x.to(device)))
+            h = model.hidden(x.to(device))
+            logits = model.lm_head(h)
         ent.append(predictive_entropy(logits, mask))
-        eotm += [eot_mass(logits, tok.eot, mask)] if tok.eot is not None else []
+        eotm += [eot_mass(logits, eot, mask)] if eot is not None else []
         hidden.append(h.float())
     model.train(was_training)
-    out = dict(fraction=fraction, eps=eps, hf_set_size=len(hf), corpus_hf_proportion=high_frequency_proportion(counts, hf),
+    eot_rate = float(np.mean(np.asarray(val_ids) == eot)) if eot is not None else None
+    out = dict(fraction=fraction, eps=eps, hf_set_size=len(hf),
+               corpus_hf_proportion=high_frequency_proportion(counts, hf),
                **text_metrics(texts, hf, corpus, bert, eps), predictive_entropy=float(np.mean(ent)),
-               eot_mass=float(np.mean(eotm)) if eotm else None, effective_rank=effective_rank(torch.cat(hidden)),
-               n_embd=cfg.n_embd, corpus=text_metrics(reference_texts(corpus_text, texts), hf, corpus, bert, eps),
-               corpus_eot_rate=float(np.mean(np.asarray(val_ids) == tok.eot)) if tok.eot is not None else None)
-    if corpus is not None:  # entropy_rate: nats per word-level token (comparable to H_pred for tokenizer=word)
-        out.update(n_modes_total=len(corpus.templates), true_modes_for_mass=smallest_set(corpus.mode_probs, eps),
+               eot_mass=float(np.mean(eotm)) if eotm else None,
+               effective_rank=effective_rank(torch.cat(hidden)), n_embd=cfg.n_embd,
+               corpus=text_metrics(reference_texts(corpus_text, texts), hf, corpus, bert, eps),
+               corpus_eot_rate=eot_rate)
+    if corpus is not None:  # entropy_rate: nats per word-level token (as H_pred for tokenizer=word)
+        out.update(n_modes_total=len(corpus.templates),
+                   true_modes_for_mass=smallest_set(corpus.mode_probs, eps),
                    true_top1_mass=float(max(corpus.mode_probs)), entropy_rate=corpus.entropy_rate())
     return out
 
-COLUMNS = [('hf', 'hf_proportion', '%'), ('H_pred', 'predictive_entropy', '.3f'), ('H_sample', 'sample_entropy', '.3f'),
-           ('erank', 'effective_rank', '.1f'), ('modes', 'n_modes', ''), ('m(1-eps)', 'modes_for_mass', ''),
-           ('top1', 'top1_mass', '%'), ('none', 'none_share', '%'), ('dist-2', 'distinct_2', '.3f'),
-           ('rep-4', 'seq_rep_4', '.3f'), ('loops', 'loop_share', '%'), ('len', 'length_mean', '.2f'),
-           ('eot', 'eot_mass', '.3f')]
+# the table's columns: (name, metric, format; '%' = a percentage)
+COLUMNS = [('hf', 'hf_proportion', '%'), ('H_pred', 'predictive_entropy', '.3f'),
+           ('H_sample', 'sample_entropy', '.3f'), ('erank', 'effective_rank', '.1f'),
+           ('modes', 'n_modes', ''), ('m(1-eps)', 'modes_for_mass', ''), ('top1', 'top1_mass', '%'),
+           ('none', 'none_share', '%'), ('dist-2', 'distinct_2', '.3f'),
+           ('rep-4', 'seq_rep_4', '.3f'), ('loops', 'loop_share', '%'),
+           ('len', 'length_mean', '.2f'), ('eot', 'eot_mass', '.3f')]
 
 def summary(m):
-    """One line for the end of a run: the high-frequency word proportion (the corpus's too), the table's columns."""
-    return (f"metrics: high-frequency words {fmt(m['hf_proportion'], '%')} (corpus {fmt(m['corpus_hf_proportion'], '%')})"
-            + ''.join(f" | {name} {fmt(m.get(k), f)}" for name, k, f in COLUMNS[1:]))
+    """One line for the end of a run: the HF proportion (the corpus's too), the table's columns."""
+    hf, corpus = fmt(m['hf_proportion'], '%'), fmt(m['corpus_hf_proportion'], '%')
+    return f"metrics: high-frequency words {hf} (corpus {corpus})" + ''.join(
+        f" | {name} {fmt(m.get(k), spec)}" for name, k, spec in COLUMNS[1:])
 
 def fmt(v, spec):
-    """A number for a table: '-' for None or NaN, spec '%' for a percentage."""
-    return '-' if v is None or math.isnan(v) else f'{100 * v:.1f}%' if spec == '%' else format(v, spec)
+    """A number for a table: '-' for None or NaN."""
+    return '-' if v is None or math.isnan(v) else format(v, '.1%' if spec == '%' else spec)
 
 # ----------------------------------------------------------------------------- the CLI
 
@@ -288,102 +307,129 @@ def read_log(path):
     log = os.path.join(path, 'log.jsonl')
     return [json.loads(line) for line in open(log) if line.strip()] if os.path.isfile(log) else []
 
-def table(run_dirs):
-    """Print Table 6.2 (ours / paper), the other metrics with the stability verdict, and the cross-seed mean ± std
-    of GPT rows that differ only in the seed. A row is (model, seed, size, data, ablation settings that differ from
-    ABLATION), compared with the paper's row of the same (model, seed) and scale (2B/3B where the size says so)."""
-    paper, cells = {}, {}  # row -> {lambda: the paper's value}; (row, lambda) -> [(metrics, verdict, last val_loss)]
+def collect_rows(run_dirs):
+    """-> (paper: row -> {lambda: the paper's value}, runs: sorted (row, lambda, metrics, verdict,
+    last val_loss)). A row: (model, seed, size, data, the settings that differ from ABLATION)."""
+    paper, runs = {}, []
     for d in run_dirs:
+        path = os.path.join(d, 'report.json')
         try:
-            report = json.load(open(file := os.path.join(d, 'report.json')))
-            c, m, verdict = report['config'], report.get('metrics') or {}, report.get('stability', {}).get('verdict', '-')
+            report = json.load(open(path))
+            c, m = report['config'], report.get('metrics') or {}
+            verdict = report.get('stability', {}).get('verdict', '-')
         except (OSError, ValueError, KeyError) as e:
-            raise SystemExit(f"error: {file!r} is not a finished run's report ({type(e).__name__}: {e})")
+            why = f'{type(e).__name__}: {e}'
+            raise SystemExit(f"error: {path!r} is not a finished run's report ({why})")
         data, size = c.get('data', '?'), str(c.get('size', '?'))
+        changed = ' '.join(f"{k}={c[k]}" for k, v in ABLATION.items() if k in c and c[k] != v)
         row = (c.get('model', '?'), c.get('seed'), f"{size}({c.get('n_layer')}x{c.get('n_embd')})",
-               os.path.basename(data) or data, ' '.join(f"{k}={c[k]}" for k, v in ABLATION.items() if k in c and c[k] != v))
-        scale = next((s for s in ('2B', '3B') if s.lower() in size), '1B')
+               os.path.basename(data) or data, changed)
+        scale = next((s for s in ('2B', '3B') if s.lower() in size), '1B')  # the paper's row
         paper[row] = dict(zip(PAPER_LAMBDAS, PAPER.get((c.get('model'), c.get('seed'), scale), ())))
-        val = [r['val_loss'] for r in read_log(d) if 'val_loss' in r]
-        cells.setdefault((row, float(c.get('psu_lambda', 0.0))), []).append((m, verdict, (val or [None])[-1]))
-    cells = dict(sorted(cells.items(), key=lambda kv: (list(paper).index(kv[0][0]), kv[0][1])))
-    lams = sorted(set(PAPER_LAMBDAS) | {lam for _, lam in cells})
-    label = lambda row: ' '.join(str(x) for x in row if x != '')
-    width = max(len(label(row)) for row in paper) + 2
-    line = lambda name, cols, w=10: print((name.ljust(width) + ''.join(str(s).ljust(w) for s in cols)).rstrip())
+        val = [r['val_loss'] for r in read_log(d) if 'val_loss' in r] or [None]
+        runs.append((row, float(c.get('psu_lambda', 0.0)), m, verdict, val[-1]))
+    rows = list(paper)  # by row, first seen first, then by lambda
+    return paper, sorted(runs, key=lambda run: (rows.index(run[0]), run[1]))
+
+def row_label(row):
+    return ' '.join(str(x) for x in row if x != '')
+
+def print_row(name, cols, width, col_width=10):
+    print((name.ljust(width) + ''.join(str(s).ljust(col_width) for s in cols)).rstrip())
+
+def print_table(paper, runs):
+    """Table 6.2 (ours / paper), the other metrics with the stability verdict, cross-seed stats."""
+    lams = sorted(set(PAPER_LAMBDAS) | {lam for _, lam, _, _, _ in runs})
+    width = max(len(row_label(row)) for row in paper) + 2
     print("Table 6.2: high-frequency word proportion, ours / paper")
-    line('row', [f'lambda={lam:g}' for lam in lams], 18)
-    ours = {cell: np.mean(hf) for cell, ms in cells.items() if (hf := [m['hf_proportion'] for m, _, _ in ms
-                                                                        if m.get('hf_proportion') is not None])}
+    print_row('row', [f'lambda={lam:g}' for lam in lams], width, 18)
+    ours = {}  # (row, lambda) -> the high-frequency word proportions of its runs
+    for row, lam, m, _, _ in runs:
+        if m.get('hf_proportion') is not None:
+            ours.setdefault((row, lam), []).append(m['hf_proportion'])
     for row, values in paper.items():
-        line(label(row), [f"{fmt(ours.get((row, lam)), '%')} / {fmt(values.get(lam, math.nan) / 100, '%')}" for lam in lams], 18)
-    corpus = sorted({fmt(m.get('corpus_hf_proportion'), '%') for ms in cells.values() for m, _, _ in ms if m})
-    print(f"paper: its 1B row, or 2B/3B for sizes gpt2-2b/gpt2-3b. The corpus's own proportion: {', '.join(corpus) or '-'}")
-    print("\nOther metrics and the stability verdict; last rows: the text metrics of each corpus cut like the samples")
-    line('row', ['lambda'] + [name for name, _, _ in COLUMNS] + ['val_loss', 'verdict'])
-    for (row, lam), ms in cells.items():
-        for m, verdict, val in ms:
-            line(label(row), [f'{lam:g}'] + [fmt(m.get(k), f) for _, k, f in COLUMNS] + [fmt(val, '.4f'), verdict])
-    for data, ref in {row[3]: m['corpus'] for (row, _), ms in cells.items() for m, _, _ in ms if m.get('corpus')}.items():
-        line(f'corpus {data}', [''] + [fmt(ref.get(k), f) for _, k, f in COLUMNS])
-    seeds = {}  # GPT rows that differ only in the seed: (rest of the row, lambda) -> {seed: metrics}
-    for (row, lam), ms in cells.items():
+        hf = [fmt(np.mean(ours[row, lam]) if (row, lam) in ours else None, '%') for lam in lams]
+        theirs = [fmt(values.get(lam, math.nan) / 100, '%') for lam in lams]
+        print_row(row_label(row), [f'{a} / {b}' for a, b in zip(hf, theirs)], width, 18)
+    corpus = sorted({fmt(m.get('corpus_hf_proportion'), '%') for _, _, m, _, _ in runs if m})
+    print("paper: its 1B row, or 2B/3B for sizes gpt2-2b/gpt2-3b. "
+          f"The corpus's own proportion: {', '.join(corpus) or '-'}")
+    print("\nOther metrics and the stability verdict; "
+          "last rows: the text metrics of each corpus cut like the samples")
+    print_row('row', ['lambda'] + [name for name, _, _ in COLUMNS] + ['val_loss', 'verdict'], width)
+    for row, lam, m, verdict, val in runs:
+        cols = [fmt(m.get(k), spec) for _, k, spec in COLUMNS]
+        print_row(row_label(row), [f'{lam:g}'] + cols + [fmt(val, '.4f'), verdict], width)
+    refs = {row[3]: m['corpus'] for row, _, m, _, _ in runs if m.get('corpus')}  # by data: the last
+    for data, ref in refs.items():
+        print_row(f'corpus {data}', [''] + [fmt(ref.get(k), spec) for _, k, spec in COLUMNS], width)
+    seeds = {}  # (the row less model and seed, lambda) -> {seed: metrics}, for GPT
+    for row, lam, m, _, _ in runs:
         if row[0] == 'gpt':
-            seeds.setdefault((row[2:], lam), {}).update({row[1]: m for m, _, _ in ms if m})
+            seeds.setdefault((row[2:], lam), {}).update({row[1]: m} if m else {})
     seeds = {group: s for group, s in seeds.items() if len(s) > 1}
-    print("\nCross-seed mean ± std (GPT rows that differ only in the seed)" + ('' if seeds else ': none'))
+    print("\nCross-seed mean ± std (GPT rows that differ only in the seed)"
+          + ('' if seeds else ': none'))
     for (rest, lam), s in seeds.items():
         stats = cross_seed(list(s.values()))
-        print(f"gpt {label(rest)} lambda={lam:g} seeds {sorted(s)}: " + ', '.join(
+        print(f"gpt {row_label(rest)} lambda={lam:g} seeds {sorted(s)}: " + ', '.join(
             f"{name} {stats[k][0]:.4g}±{stats[k][1]:.2g}" for name, k, _ in COLUMNS if k in stats))
 
 def fig3(run_dirs, out='fig3.png', bins=12):
-    """Fig. 3: density of (training loss, entropy) over all logged steps of the runs; entropy is the logged
-    'entropy' (mean predictive entropy of the training batch) or else PSU's 'psu_entropy'. A hexbin PNG where
-    matplotlib is installed, a text table of counts per bin where it is not."""
-    pts = [(r['loss'], r.get('entropy', r.get('psu_entropy'))) for d in run_dirs for r in read_log(d) if 'loss' in r]
+    """Fig. 3: density of (training loss, 'entropy' of the batch, else PSU's 'psu_entropy') over the
+    logged steps: a hexbin PNG where matplotlib is installed, else a text table of counts."""
+    pts = [(r['loss'], r.get('entropy', r.get('psu_entropy')))
+           for d in run_dirs for r in read_log(d) if 'loss' in r]
     pts = np.array([p for p in pts if p[1] is not None], dtype=np.float64).reshape(-1, 2)
     if not len(pts):
-        raise SystemExit(f"error: no logged step has both 'loss' and 'entropy' (or 'psu_entropy') in {', '.join(run_dirs)}")
+        raise SystemExit("error: no logged step has both 'loss' and 'entropy' (or 'psu_entropy') "
+                         f"in {', '.join(run_dirs)}")
     try:
         from matplotlib.figure import Figure
     except ImportError:
         counts, le, he = np.histogram2d(pts[:, 0], pts[:, 1], bins=bins)
-        print(f"fig. 3 (matplotlib not installed, text table): logged steps per (loss, entropy) bin, {len(pts)} steps\n"
-              'entropy \\ loss ' + ''.join(f'{x:>7.3f}' for x in (le[:-1] + le[1:]) / 2))
+        print("fig. 3 (matplotlib not installed, text table): logged steps per (loss, entropy) "
+              f"bin, {len(pts)} steps")
+        print('entropy \\ loss ' + ''.join(f'{x:>7.3f}' for x in (le[:-1] + le[1:]) / 2))
         for y, row in reversed(list(zip((he[:-1] + he[1:]) / 2, counts.T))):
             print(f'{y:>15.3f}' + ''.join(f'{int(c):>7d}' if c else '      .' for c in row))
         return
     ax = Figure(figsize=(5, 4)).subplots()
-    ax.figure.colorbar(ax.hexbin(pts[:, 0], pts[:, 1], gridsize=2 * bins, bins='log', mincnt=1), label='logged steps')
-    ax.set(xlabel='training loss (nats)', ylabel='predictive entropy (nats)', title=f'loss-entropy, {len(pts)} steps')
+    hexes = ax.hexbin(pts[:, 0], pts[:, 1], gridsize=2 * bins, bins='log', mincnt=1)
+    ax.figure.colorbar(hexes, label='logged steps')
+    ax.set(xlabel='training loss (nats)', ylabel='predictive entropy (nats)',
+           title=f'loss-entropy, {len(pts)} steps')
     ax.figure.savefig(out, dpi=120, bbox_inches='tight')
     print(f"fig. 3: {len(pts)} logged steps of {len(run_dirs)} run(s) -> {out}")
 
 def main(argv):
     flags = dict(a[2:].partition('=')[::2] for a in argv if a.startswith('--'))
     dirs, text = [a for a in argv if not a.startswith('--')], 'corpus' in flags or 'text' in flags
-    if unknown := [k for k in flags if k not in ('corpus', 'text', 'fraction', 'fig3', 'out', 'bins')]:
-        raise SystemExit(f"error: unknown option --{unknown[0]}; valid: --corpus= --text= --fraction= --fig3 --out= --bins=")
+    valid = ('corpus', 'text', 'fraction', 'fig3', 'out', 'bins')
+    if unknown := [k for k in flags if k not in valid]:
+        raise SystemExit(f"error: unknown option --{unknown[0]}; "
+                         "valid: --corpus= --text= --fraction= --fig3 --out= --bins=")
     try:
         fraction, bins = float(flags.get('fraction', 0.25)), int(flags.get('bins', 12))
         assert 0 < fraction <= 1 and bins >= 1
     except (ValueError, AssertionError):
         raise SystemExit("error: --fraction must be a number in (0, 1] and --bins an integer >= 1")
     if (dirs or not flags.get('corpus') or not flags.get('text')) if text else not dirs:
-        raise SystemExit("error: usage: python metrics.py RUN_DIR... | --fig3 RUN_DIR... [--out=fig3.png] [--bins=12] | "
-                         "--corpus=FILE --text=FILE [--fraction=0.25]")
+        raise SystemExit("error: usage: python metrics.py RUN_DIR... | --fig3 RUN_DIR... "
+                         "[--out=fig3.png] [--bins=12] | --corpus=FILE --text=FILE "
+                         "[--fraction=0.25]")
     if missing := [d for d in dirs if not os.path.isdir(d)]:
         raise SystemExit(f"error: run folder {missing[0]!r} does not exist")
     if text:
         counts, ws = word_counts(read_text(flags['corpus'])), words(read_text(flags['text']))
         hf = high_frequency_set(counts, fraction)
-        print(f"high-frequency word proportion: {high_frequency_proportion(ws, hf):.2%} of {len(ws):,} words (corpus: "
-              f"{high_frequency_proportion(counts, hf):.2%}; the {len(hf)} most frequent words, covering {fraction:g} of it)")
+        print(f"high-frequency word proportion: {high_frequency_proportion(ws, hf):.2%} of "
+              f"{len(ws):,} words (corpus: {high_frequency_proportion(counts, hf):.2%}; "
+              f"the {len(hf)} most frequent words, covering {fraction:g} of it)")
     elif 'fig3' in flags:
         fig3(dirs, flags.get('out') or 'fig3.png', bins)
     else:
-        table(dirs)
+        print_table(*collect_rows(dirs))
 
 if __name__ == '__main__':
     main(sys.argv[1:])

@@ -105,12 +105,13 @@ class MLP(nn.Module):
         return self.dropout(self.node_forward(x, p))
 
     def node_forward(self, x, p):
-        """DMU node-level (Def. A.4): slice the kept hidden units out of both weight matrices,
-        so a step at p=0.5 multiplies matrices half as wide. 'prob' keeps each unit with
-        probability p: a uniform subset of size k ~ Binomial(n, p) is the same distribution
-        (drawn on the CPU, so no device sync). 'fix' keeps exactly k = floor(p*n) (eq. 80).
-        The kept activations are rescaled by 1/p for 'prob' and n/k for 'fix' (equal to 1/p
-        when p*n is whole), so the output is unbiased in expectation (eqs. 79, 83)."""
+        """DMU node-level (Def. A.4; DProb/DFix of eqs. 111-118): slice the kept hidden units
+        out of both weight matrices, so a step at p=0.5 multiplies matrices half as wide. 'prob'
+        keeps each unit with probability p: a uniform subset of size k ~ Binomial(n, p) is the
+        same distribution (drawn on the CPU, so no device sync). 'fix' keeps exactly
+        k = floor(p*n) (eq. 116). The kept activations are rescaled by 1/p for 'prob' and n/k for
+        'fix' (equal to 1/p when p*n is whole), so the output is unbiased in expectation
+        (eqs. 117-118; Lemma B.4)."""
         n = self.c_fc.out_features
         if self.dmu_mode == 'prob':
             k, scale = int(torch.binomial(torch.tensor(float(n)), torch.tensor(p))), 1.0 / p
@@ -124,7 +125,8 @@ class MLP(nn.Module):
 
     def edge_forward(self, x, p):
         """DMU edge-level (Def. A.3, 'DMU2'): an independent Bernoulli(p) mask on every weight of
-        both matrices, rescaled by 1/p. Slow (two full-size masks); here to teach Thm B.5."""
+        both matrices, rescaled by 1/p (eq. 79). Slow (two full-size masks); here to teach
+        Thm B.5."""
         w_fc = self.c_fc.weight * (torch.rand_like(self.c_fc.weight) < p) / p
         w_proj = self.c_proj.weight * (torch.rand_like(self.c_proj.weight) < p) / p
         return F.linear(self.gelu(F.linear(x, w_fc, self.c_fc.bias)), w_proj, self.c_proj.bias)
@@ -269,9 +271,16 @@ class GPT(nn.Module):
         return idx
 
 
+def mask_id(vocab_size):
+    """BERT's [MASK] token in a model of vocab_size ids: the last one. train.py gives BERT one id
+    more than its tokenizer has, so the ids below [MASK] are the tokenizer's real tokens."""
+    return vocab_size - 1
+
+
 def mask_tokens(idx, mask_id, vocab_size, generator=None):
-    """BERT masked-LM corruption: choose 15% of positions; of those 80% become [MASK], 10% a
-    random token, 10% stay. Returns (inputs, targets) with targets -1 at unchosen positions."""
+    """BERT masked-LM corruption: choose 15% of positions; of those 80% become [MASK] (mask_id),
+    10% a random token of range(vocab_size) (pass the tokenizer's vocabulary: real tokens only),
+    10% stay. Returns (inputs, targets) with targets -1 at unchosen positions."""
     u = torch.rand(idx.shape, generator=generator, device=idx.device)
     chosen = u < 0.15
     action = torch.rand(idx.shape, generator=generator, device=idx.device)

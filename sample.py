@@ -10,7 +10,7 @@ import torch
 
 from configurator import DEVICE, parse_flags, validate
 from data import tokenizer_from_state
-from model import GPT, GPTConfig, load_checkpoint, load_model_state
+from model import GPT, GPTConfig, load_checkpoint, load_model_state, mask_id
 
 DEFAULTS = dict(out_dir='out', num_samples=5, max_new_tokens=64, temperature=1.0, top_k=0,
                 start='', mask_steps=10, seed=1337, device='cuda' if torch.cuda.is_available() else 'cpu')
@@ -37,10 +37,10 @@ def sample_texts(model, tok, n, max_new_tokens, temperature=1.0, top_k=0, start=
                 idx = torch.tensor([prompt] * rows, dtype=torch.long, device=device)
                 out = model.generate(idx, max_new_tokens, temperature, top_k)[:, len(prompt):]
             else:
-                mask_id = model.config.vocab_size - 1
+                mask = mask_id(model.config.vocab_size)
                 length = min(max_new_tokens, model.config.block_size)
-                idx = torch.full((rows, length), mask_id, dtype=torch.long, device=device)
-                out = model.generate_masked(idx, mask_id, mask_steps, temperature, top_k)
+                idx = torch.full((rows, length), mask, dtype=torch.long, device=device)
+                out = model.generate_masked(idx, mask, mask_steps, temperature, top_k)
             texts += [tok.decode(row) for row in out.tolist()]
     model.train(was_training)
     return texts

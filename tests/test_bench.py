@@ -3,33 +3,48 @@ ratio. Its GPU-only rows (compile against eager, tokens/s and MFU, the units at 
 here at a tiny size, with torch.compile stubbed out: compile itself is tested in test_train.py."""
 import re
 
+import pytest
 import torch
 
 import bench
 
+ROW = re.compile(r'^(DMU|DTU|PSU|BAARA) .*\s(\d+\.\d) +(\d+\.\d)  (\d+\.\d{3})(?:  goal <= ([\d.]+): (met|NOT met))?$',
+                 re.M)
+
 
 def test_bench_prints_every_row(capsys):
+    """With one timed step the B/A ratio is B's time over A's, both printed (in ms, to 0.1): the
+    ratio must agree with them to their rounding, and a goal is met exactly when ratio <= goal."""
     bench.main(['--steps=1', '--warmup=0', '--metrics_words=2000', '--device=cpu', '--dtype=float32'])
     out = capsys.readouterr().out
     assert out.startswith('machine: ')
-    ratios = re.findall(r'^(DMU|DTU|PSU|BAARA) .*\s(\d+\.\d{3})(?:  goal <= [\d.]+: (?:met|NOT met))?$', out, re.M)
-    assert [name for name, _ in ratios] == ['DMU', 'DMU', 'DTU', 'PSU', 'BAARA']
-    assert all(float(r) > 0 for _, r in ratios)
+    rows = ROW.findall(out)
+    assert [(name, goal) for name, _, _, _, goal, _ in rows] == [
+        ('DMU', '0.65'), ('DMU', ''), ('DTU', ''), ('PSU', '1.05'), ('BAARA', '1.1')]
+    for name, a, b, ratio, goal, verdict in rows:
+        a, b, ratio = float(a), float(b), float(ratio)
+        assert a > 0 and b > 0
+        assert ratio == pytest.approx(b / a, rel=0.05 / a + 0.05 / b, abs=5e-4), name
+        if goal and abs(ratio - float(goal)) > 5e-4:  # not a tie hidden by the rounding
+            assert (verdict == 'met') == (ratio <= float(goal)), name
     assert re.search(r'^tokens/s, MFU +[\d,]+ tok/s', out, re.M)
     assert re.search(r'^text metrics on 0.002M words +[\d.]+ s for', out, re.M)
 
 
 def test_gpu_rows_run_at_a_tiny_size(monkeypatch):
+    """Every GPU row runs, and tokens/s is the tokens of a step (2 x 16) over its time."""
     monkeypatch.setattr(torch, 'compile', lambda model: model)
     b = {**bench.BENCH, 'device': 'cpu', 'dtype': 'float32', 'steps': 1, 'warmup': 0}
-    rows = []
+    rows, times = [], []
 
     def pair(what, a, bb, goal=None):
         (ta,), (tb,) = bench.timed([a, bb], b)
         rows.append(what.split(',')[0])
+        times.append((ta, tb))
         return ta, tb
 
     size = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=2, dropout=0.0)
     line = bench.gpu_rows(b, pair, size=size, label='tiny', vocab=512)
     assert rows == ['compile / eager', 'DMU p=0.5 / p=1', 'DTU r=0.5 / r=1', 'PSU lambda=0.2 both / off']
-    assert re.fullmatch(r'tiny, float32: eager [\d,]+ tok/s.*; compiled [\d,]+ tok/s.*', line)
+    rates = re.fullmatch(r'tiny, float32: eager ([\d,]+) tok/s.*; compiled ([\d,]+) tok/s.*', line).groups()
+    assert rates == tuple(f'{32 / t:,.0f}' for t in times[0])

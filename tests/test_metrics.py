@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import metrics
-import train
+from conftest import run
 from data import SyntheticCorpus, WordTokenizer
 from model import GPT, GPTConfig
 
@@ -153,7 +153,11 @@ def test_evaluate_on_a_tiny_model(corpus, causal):
     assert 0.25 <= m['corpus_hf_proportion'] < 0.5 and m['n_modes_total'] == 64
     assert m['corpus']['n_samples'] == 2 and m['corpus']['none_share'] == 0  # pieces start at a sentence
     json.dumps(m)
-    assert 'high-frequency words' in metrics.summary(m)
+    line = metrics.summary(m)  # the proportions as percentages, then each table column
+    assert line.startswith(f"metrics: high-frequency words {100 * m['hf_proportion']:.1f}% "
+                           f"(corpus {100 * m['corpus_hf_proportion']:.1f}%) | H_pred {m['predictive_entropy']:.3f} | ")
+    length = '-' if m['length_mean'] is None else f"{m['length_mean']:.2f}"
+    assert line.endswith(f" | len {length} | eot {m['eot_mass']:.3f}")
 
 
 def write_run(path, seed, lam, hf, channels='both'):
@@ -170,14 +174,12 @@ def write_run(path, seed, lam, hf, channels='both'):
 
 def test_cli_table_on_run_folders(tmp_path, capsys):
     real = str(tmp_path / 'real')
-    train.main(['--max_iters=8', '--eval_interval=4', '--log_interval=2', '--eval_iters=1', '--n_layer=1',
-                '--n_head=2', '--n_embd=16', '--batch_size=4', '--block_size=16', '--num_samples=8',
-                '--sample_tokens=16', '--device=cpu', '--dtype=float32', '--seed=2026', '--psu_lambda=0.2',
-                f'--out_dir={real}'])
+    run(real, '--max_iters=8', '--eval_interval=4', '--num_samples=8', '--seed=2026', '--psu_lambda=0.2')
     report = json.load(open(f'{real}/report.json'))
-    assert 'metrics' in report and 'stability' in report
+    assert report['stability'] == {'verdict': 'undetermined', 'reason': '3 evals, need 4'}  # iters 0, 4, 8
     ours = report['metrics']['hf_proportion']
-    assert 'metrics: high-frequency words' in capsys.readouterr().out
+    assert 0 < ours < 1 and report['metrics']['n_samples'] == 8
+    assert metrics.summary(report['metrics']) in capsys.readouterr().out  # train.py's last words
     write_run(str(tmp_path / 'a'), 2026, 0.0, 0.2345)
     write_run(str(tmp_path / 'b'), 2027, 0.0, 0.3)
     write_run(str(tmp_path / 'c'), 2026, 0.05, 0.5, channels='stats')
@@ -186,7 +188,12 @@ def test_cli_table_on_run_folders(tmp_path, capsys):
     assert f'{100 * ours:.1f}% / 100.0%' in out  # the real run: seed 2026, lambda 0.2
     assert '23.4% / 26.7%' in out and '- / 61.2%' in out and '30.0% / 26.3%' in out
     assert 'psu_channels=stats' in out and '50.0% / 61.2%' in out
-    assert 'Cross-seed' in out and 'stable' in out and '2.5000' in out
+    rows = {line.split('  ')[0]: line.split() for line in out.splitlines()}
+    assert rows['gpt 2026 tiny(1x32) synthetic'][-2:] == ['2.5000', 'stable']  # last val_loss, verdict
+    assert rows['gpt 2026 tiny(2x32) synthetic'][-1] == 'undetermined'  # the real run
+    hf = np.array([0.2345, 0.3])  # seeds 2026 and 2027 at lambda 0, the rest of their rows the same
+    assert (f"gpt tiny(1x32) synthetic lambda=0 seeds [2026, 2027]: hf {hf.mean():.4g}±{hf.std(ddof=1):.2g}, "
+            "H_pred 2±0") in out
 
 
 def test_cli_fig3_and_hf_of_any_text(tmp_path, capsys):

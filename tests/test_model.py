@@ -74,7 +74,7 @@ def assert_unbiased(mean, se, ref):
 
 @pytest.mark.parametrize('mode', ['prob', 'fix'])
 def test_dmu_node_level_is_unbiased(mode):
-    """Lemma B.2 / eqs. 79, 83: node-level DProb and DFix leave the MLP output unchanged in
+    """Eqs. 117-118 / Lemma B.4: node-level DProb and DFix leave the MLP output unchanged in
     expectation (GELU comes before the mask, so this holds exactly, not only as n -> inf)."""
     torch.manual_seed(1)
     mlp = MLP(tiny(n_embd=16, dmu_p=0.5, dmu_mode=mode)).train()
@@ -229,7 +229,9 @@ def test_bert_mask_proportions():
     token equals the original with probability 1/V, V=1000). Each proportion within 5 binomial
     standard deviations. Unchosen positions keep their token and have target -1."""
     g = torch.Generator().manual_seed(7)
-    V, mask_id = 1000, 1000
+    V = 1000  # the tokenizer's ids; BERT's model has V + 1, [MASK] the last
+    mask_id = M.mask_id(V + 1)
+    assert mask_id == V
     idx = torch.randint(V, (200, 1000), generator=g)
     inputs, targets = M.mask_tokens(idx, mask_id, V, generator=g)
     n = idx.numel()
@@ -265,10 +267,20 @@ def test_named_size_parameter_counts(size, target):
     assert abs(n - target) / target < 0.10, f"{size}: {n / 1e6:.1f}M"
 
 
-def test_count_params_does_not_allocate():
-    with torch.device('meta'):
-        m = GPT(M.config_for('gpt2-3b', 50257, 1024))
-    assert all(p.is_meta for p in m.parameters())
+def test_count_params_never_allocates_a_weight(monkeypatch):
+    """count_params counts gpt2-3b (12 GB of float32 weights) without creating one real
+    parameter: every Parameter made while it runs must be on the meta device. The check fails at
+    the first real one, before any weight is initialised, so a broken count_params fails fast."""
+    new = torch.nn.Parameter.__new__
+
+    def meta_only(cls, data=None, requires_grad=True):
+        assert data is None or data.is_meta, f"count_params allocated a {tuple(data.shape)} weight"
+        return new(cls, data, requires_grad)
+
+    monkeypatch.setattr(torch.nn.Parameter, '__new__', meta_only)
+    L, d, V, T = 36, 2560, 50257, 1024  # gpt2-3b: per block 12 d^2 + 13 d, plus embeddings, ln_f
+    assert M.count_params(M.config_for('gpt2-3b', V, T)) == L * (12 * d * d + 13 * d) + (V + T + 2) * d
+    monkeypatch.undo()
     assert M.count_params(M.config_for('tiny', 50, 16)) == GPT(M.config_for('tiny', 50, 16)).get_num_params()
 
 
@@ -340,24 +352,36 @@ def test_load_gpt2_rejects_non_weights():
 
 # ---------------------------------------------------------------- samplers
 
-def test_generate_shapes_and_stop_token():
+def test_generate_shapes_and_window():
     torch.manual_seed(9)
     m = GPT(tiny()).eval()
     idx = torch.randint(50, (3, 4))
     out = m.generate(idx, 20, temperature=0.9, top_k=5)  # 24 > block_size 16: the window crops
     assert out.shape == (3, 24) and out.dtype == torch.long
     assert torch.equal(out[:, :4], idx) and (out >= 0).all() and (out < 50).all()
-    out = m.generate(idx, 12, stop_token=7, temperature=5.0)
-    for row in out[:, 4:].tolist():
-        if 7 in row:
-            assert all(t == 7 for t in row[row.index(7):])
+
+
+def test_generate_stop_token_ends_a_row_and_only_that_row():
+    """Against the same draws without a stop token: a row that samples 7 keeps its tokens up to
+    that first 7, then emits only 7; a row that never samples it is the unstopped row exactly."""
+    torch.manual_seed(9)
+    m = GPT(tiny()).eval()
+    idx = torch.randint(50, (8, 4))
+    torch.manual_seed(1)
+    free = m.generate(idx, 12, temperature=5.0)[:, 4:].tolist()
+    torch.manual_seed(1)
+    stopped = m.generate(idx, 12, temperature=5.0, stop_token=7)[:, 4:].tolist()
+    assert 0 < sum(7 in row for row in free) < len(free)  # both kinds of row are here
+    for f, s in zip(free, stopped):
+        end = f.index(7) + 1 if 7 in f else len(f)
+        assert s == f[:end] + [7] * (len(f) - end)
 
 
 def test_generate_masked_fills_every_mask():
     torch.manual_seed(10)
     V = 51
     m = GPT(tiny(vocab_size=V, causal=False)).eval()
-    mask_id = V - 1
+    mask_id = M.mask_id(V)
     idx = torch.randint(mask_id, (4, 12))
     holes = torch.rand(4, 12) < 0.5
     holes[0] = True  # one all-[MASK] row, as sample.py uses

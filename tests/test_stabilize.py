@@ -1,38 +1,23 @@
 """PSU (stabilize.py): lambda=0 is a no-op, each channel does what it claims, diagnostics judge."""
-import json
 import math
 
 import pytest
 import torch
 
-import train
+from conftest import evals, run, steps
 from stabilize import PSU, Diagnostics, NextTokenStats, slope
-
-TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8',
-        '--eval_interval=40', '--eval_iters=2', '--num_samples=2', '--sample_tokens=8',
-        '--log_interval=1', '--warmup_iters=5', '--learning_rate=3e-3']
-
-
-def run(tmp_path, name, *flags, iters=80):
-    out = tmp_path / name
-    train.main(TINY + [f'--out_dir={out}', f'--max_iters={iters}', f'--lr_decay_iters={iters}', *flags])
-    return [json.loads(line) for line in open(out / 'log.jsonl')]
-
-
-def training_rows(rows):
-    return [r for r in rows if 'loss' in r]
 
 
 def test_lambda_zero_never_calls_psu_and_is_bit_identical(tmp_path, monkeypatch):
-    plain = run(tmp_path, 'plain', iters=20)
+    plain = steps(run(tmp_path / 'plain', iters=20))
 
     def forbidden(*args, **kwargs):
         raise AssertionError('PSU was called at lambda=0')
     monkeypatch.setattr(PSU, 'feedback_loss', forbidden)
     monkeypatch.setattr(PSU, 'pull', forbidden)
     for channels in ('stats', 'params', 'both'):
-        rows = run(tmp_path, channels, '--psu_lambda=0.0', f'--psu_channels={channels}', iters=20)
-        assert [r['loss'] for r in training_rows(rows)] == [r['loss'] for r in training_rows(plain)]
+        rows = steps(run(tmp_path / channels, '--psu_lambda=0.0', f'--psu_channels={channels}', iters=20))
+        assert [r['loss'] for r in rows] == [r['loss'] for r in plain]
 
 
 def step_variance(values):
@@ -42,22 +27,31 @@ def step_variance(values):
 
 def test_stats_channel_lowers_entropy_variance(tmp_path):
     """The P-controller holds the entropy to its EMA: its step-to-step variance falls."""
-    base = training_rows(run(tmp_path, 'base'))
-    held = training_rows(run(tmp_path, 'held', '--psu_lambda=0.2', '--psu_channels=stats'))
+    base = steps(run(tmp_path / 'base', iters=80))
+    held = steps(run(tmp_path / 'held', '--psu_lambda=0.2', '--psu_channels=stats', iters=80))
     assert all('psu_entropy' in r and 'psu_ref_entropy' in r and 'psu_feedback_loss' in r for r in held)
     v_base = step_variance([r['entropy'] for r in base])
     v_held = step_variance([r['entropy'] for r in held])
     assert v_held < 0.5 * v_base, (v_held, v_base)
 
 
+def mean_update(log):
+    return sum(r['update_norm'] for r in steps(log)) / len(steps(log))
+
+
+def norm_growth(log):
+    """How far ||theta|| rose above its start, over the evals at iters 0, 40 and 80."""
+    norms = [r['param_norm'] for r in evals(log)]
+    assert len(norms) == 3
+    return max(norms) - norms[0]
+
+
 def test_params_channel_shrinks_updates_and_bounds_norm(tmp_path):
-    base = training_rows(run(tmp_path, 'base'))
-    pulled = training_rows(run(tmp_path, 'pulled', '--psu_lambda=0.2', '--psu_channels=params'))
-    assert all(r['psu_pull_norm'] > 0 for r in pulled)
-    mean_update = lambda rows: sum(r['update_norm'] for r in rows) / len(rows)
+    base = run(tmp_path / 'base', '--eval_interval=40', iters=80)
+    pulled = run(tmp_path / 'pulled', '--eval_interval=40', '--psu_lambda=0.2', '--psu_channels=params', iters=80)
+    assert all(r['psu_pull_norm'] > 0 for r in steps(pulled))
     assert mean_update(pulled) < 0.5 * mean_update(base)
-    norms = lambda name: [json.loads(l)['param_norm'] for l in open(tmp_path / name / 'log.jsonl') if 'param_norm' in l]
-    assert max(norms('pulled')) - norms('pulled')[0] < max(norms('base')) - norms('base')[0]
+    assert norm_growth(pulled) < norm_growth(base)
 
 
 def test_feedback_loss_is_a_p_controller():
@@ -119,14 +113,47 @@ def test_pull_moves_parameters_toward_their_average():
     assert torch.allclose(p, torch.full((3,), 2.0))  # 3 - 0.5 * (3 - 1)
 
 
-def test_verdict_rule():
+# ||theta||, ||g||, ||theta_t - theta_t-1|| at 8 evals: all three settle (STABLE), or each grows
+STABLE = dict(param_norm=[10.0 + 0.01 * i for i in range(8)], grad_norm=[1.0 / (i + 1) for i in range(8)],
+              update_norm=[0.5 / (i + 1) for i in range(8)])
+BROKEN = dict(param_norm=[10.0 * 1.2 ** i for i in range(8)], grad_norm=[1.0 + i for i in range(8)],
+              update_norm=[0.5 * (i + 1) for i in range(8)])
+
+
+def diagnostics(param_norm, grad_norm, update_norm):
+    """Diagnostics of one eval per norm given; eval i logged the losses [2.0, 1.9, 1.8 + i]."""
     d = Diagnostics()
-    for i in range(8):  # bounded norm, shrinking gradient and update norms
-        d.record(i, 10.0 + 0.01 * i, 1.0 / (i + 1), 0.5 / (i + 1), [2.0, 1.9, 1.85])
-    assert d.verdict()['verdict'] == 'stable'
-    d = Diagnostics()
-    for i in range(8):  # the parameter norm keeps growing
-        d.record(i, 10.0 * 1.2 ** i, 1.0 / (i + 1), 0.5 / (i + 1), [2.0, 1.9])
-    assert d.verdict()['verdict'] == 'not stable'
-    assert Diagnostics().verdict()['verdict'] == 'undetermined'
+    for i, norms in enumerate(zip(param_norm, grad_norm, update_norm)):
+        d.record(i, *norms, [2.0, 1.9, 1.8 + i])
+    return d
+
+
+def test_verdict_stable_when_all_three_conditions_hold():
+    v = diagnostics(**STABLE).verdict()
+    assert v['verdict'] == 'stable' and v['param_norm_bounded'] is True
+    # judged on the last half, evals 4..7: least-squares slopes of log ||g|| and log ||update||
+    assert v['grad_norm_slope'] == pytest.approx(slope([-math.log(i + 1) for i in range(4, 8)]))
+    assert v['update_norm_slope'] == pytest.approx(slope([math.log(0.5 / (i + 1)) for i in range(4, 8)]))
+    # eval 7's roughness: std of the loss steps [-0.1, 6.9] (3.5) over the mean loss (12.7 / 3)
+    assert v['loss_roughness'] == pytest.approx(3.5 / (12.7 / 3))
+
+
+@pytest.mark.parametrize('condition', ['param_norm', 'grad_norm', 'update_norm'])
+def test_verdict_not_stable_when_any_one_condition_fails(condition):
+    """Def. 3.1: bounded parameters (1), vanishing gradients (2) and vanishing updates (3) are
+    each needed: one broken alone, the other two holding, makes the run 'not stable'."""
+    v = diagnostics(**{**STABLE, condition: BROKEN[condition]}).verdict()
+    assert v['verdict'] == 'not stable'
+    assert v['param_norm_bounded'] == (condition != 'param_norm')
+    assert (v['grad_norm_slope'] > 0) == (condition == 'grad_norm')
+    assert (v['update_norm_slope'] > 0) == (condition == 'update_norm')
+
+
+def test_verdict_judges_the_last_half_only():
+    """A jump of ||theta|| and growing gradients in the first half do not count; 4 evals needed."""
+    early = dict(STABLE, param_norm=[10.0, 20.0, 40.0, 80.0] + [160.0] * 4,
+                 grad_norm=[1.0, 2.0, 3.0, 4.0, 1 / 4, 1 / 5, 1 / 6, 1 / 7])
+    assert diagnostics(**early).verdict()['verdict'] == 'stable'
+    assert diagnostics(**{k: v[:3] for k, v in STABLE.items()}).verdict()['verdict'] == 'undetermined'
+    assert diagnostics(**{k: v[:4] for k, v in STABLE.items()}).verdict()['verdict'] == 'stable'
     assert slope([1, 2, 3]) == pytest.approx(1.0)
