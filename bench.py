@@ -1,7 +1,7 @@
 """
 Speed of the paper's units, as ratios that hold on any machine, all from one run:
 
-    python bench.py                          # about 2 minutes on 2 CPU cores
+    python bench.py                          # about 5 minutes on 2 CPU cores (the sampling row: 3)
     python bench.py --steps=51               # steadier numbers
     python bench.py --threads=1              # on a machine shared with other jobs
 
@@ -10,7 +10,8 @@ step time over that of the A step just before it, so that a busy machine, or one
 drifts, slows both alike. A step is train.train_step, the step train.py's loop takes: batch ->
 forward (+ PSU's feedback loss) -> backward -> (BAARA's act) -> clip -> AdamW -> (BAARA's finish)
 -> (PSU's pull); the logged-step extras every log_interval are left out. Setups with periodic
-work (BAARA's reference gradient every REF_EVERY steps) are timed over whole periods.
+work (BAARA's reference gradient every REF_EVERY steps) are timed over whole periods. The
+sampling row steps train.py's end-of-run sampling instead, with and without the key/value cache.
 On a GPU it adds torch.compile against eager, tokens/s and MFU at GPT-2 size (124M, bf16).
 """
 import os
@@ -90,6 +91,29 @@ class MLPSetup:
         torch.nn.utils.clip_grad_norm_(self.mlp.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+class SamplingSetup:
+    """train.py's end-of-run sampling (num_samples x sample_tokens) as sample_texts runs it, in
+    batches of 100 rows from the end-of-text token, from the tiny model at fresh weights."""
+
+    def __init__(self, data, b, use_cache):
+        d, tok = train.DEFAULTS, data[1]
+        torch.manual_seed(b['seed'])
+        config = GPTConfig(n_layer=d['n_layer'], n_head=d['n_head'], n_embd=d['n_embd'], block_size=d['block_size'],
+                           vocab_size=tok.vocab_size, bias=d['bias'])
+        self.model = GPT(config).to(b['device']).eval()
+        n = d['num_samples']
+        self.prompts = [torch.full((min(100, n - i), 1), tok.eot, dtype=torch.long, device=b['device'])
+                        for i in range(0, n, 100)]
+        self.ctx = train.autocast_context(b['dtype'], b['device'])
+        self.use_cache, self.new_tokens = use_cache, d['sample_tokens']
+        self.period, self.tokens = 1, n * d['sample_tokens']
+
+    def step(self):
+        with self.ctx:
+            for prompt in self.prompts:
+                self.model.generate(prompt, self.new_tokens, use_cache=self.use_cache)
 
 
 def sync(device):
@@ -182,8 +206,8 @@ def main(argv):
     tiny = f"tiny model ({d['n_layer']}x{d['n_embd']}, {d['batch_size']}x{d['block_size']} tokens)"
     rows = []  # (what, ms A, ms B, ratio or text, goal)
 
-    def pair(what, a, bb, goal=None):
-        times_a, times_b = timed([a, bb], b)
+    def pair(what, a, bb, goal=None, steps=None):
+        times_a, times_b = timed([a, bb], b if steps is None else {**b, 'steps': steps, 'warmup': min(b['warmup'], 1)})
         ta, tb = statistics.median(times_a), statistics.median(times_b)
         ratio = statistics.median([y / x for x, y in zip(times_a, times_b)])
         rows.append((what, ta * 1e3, tb * 1e3, ratio, goal))
@@ -199,6 +223,9 @@ def main(argv):
     off, _ = pair(f'PSU lambda=0.2 both / off, {tiny}', Setup(data, b),
                   Setup(data, b, psu_lambda=0.2, psu_channels='both'), 1.05)
     pair(f'BAARA on / off, {tiny}', Setup(data, b), Setup(data, b, baara=True), 1.10)
+    pair(f"sampling, cached / uncached, {d['num_samples']} x {d['sample_tokens']} tokens of the tiny model ({d['n_layer']}x{d['n_embd']})",
+         SamplingSetup(data, b, use_cache=False), SamplingSetup(data, b, use_cache=True), 0.3,
+         steps=min(b['steps'], 5))  # an uncached step takes seconds
     tok_s = f"{d['batch_size'] * d['block_size'] / off:,.0f} tok/s (tiny model, {b['device']}; no MFU without a GPU peak)"
     if b['device'].startswith('cuda'):
         tok_s = gpu_rows(b, pair)

@@ -55,16 +55,20 @@ class CausalSelfAttention(nn.Module):
         self.causal = config.causal
         self.dtu_r = config.dtu_r
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
+        """x (B, T, C). With a KVCache (sampling, eval mode) x holds the next T positions only and
+        attends to the cached ones too."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nh, pos + T, hs)
         scale = None  # SDPA's default 1/sqrt(head dim)
         if self.training and self.dtu_r < 1:
             q, k = dtu_select(q, k, self.dtu_r)
             scale = 1.0 / math.sqrt(q.size(-1))
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0,
-                                           is_causal=self.causal, scale=scale)
+                                           is_causal=self.causal and T > 1, scale=scale)  # one query: sees every key
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -84,6 +88,31 @@ def dtu_select(q, k, r):
         idx = (score.clamp_min(1e-20).log() + gumbel).topk(kept, dim=-1).indices
     idx = idx.unsqueeze(2).expand(-1, -1, q.size(2), -1)
     return q.gather(-1, idx), k.gather(-1, idx)
+
+
+class KVCache:
+    """One layer's keys and values for sampling: (B, nh, block_size, hs) buffers, allocated at the
+    first write in the dtype of the computed keys (bf16 under autocast), filled left to right.
+    The fill level `pos` is a Python int, so a sampling step never waits on the device. A prompt
+    fills an empty cache; after it, one token at a time (the causal mask is then not needed)."""
+
+    def __init__(self, block_size):
+        self.block_size, self.pos = block_size, 0
+        self.k = self.v = None
+
+    def append(self, k, v):
+        """k, v (B, nh, T, hs) of the next T positions -> those of every position so far (B, nh, pos + T, hs)."""
+        T = k.size(2)
+        assert self.pos == 0 or T == 1, "a KVCache takes a prompt, then one token at a time"
+        assert self.pos + T <= self.block_size, f"KVCache full: {self.pos} + {T} > block_size {self.block_size}"
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            self.k = k.new_empty(B, nh, self.block_size, hs)
+            self.v = v.new_empty(B, nh, self.block_size, hs)
+        self.k[:, :, self.pos:self.pos + T] = k
+        self.v[:, :, self.pos:self.pos + T] = v
+        self.pos += T
+        return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
 
 
 class MLP(nn.Module):
@@ -141,8 +170,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -201,14 +230,16 @@ class GPT(nn.Module):
             if dtu_r is not None:
                 block.attn.dtu_r = dtu_r
 
-    def hidden(self, idx):
-        """Final hidden states (after ln_f), shape (B, T, n_embd)."""
+    def hidden(self, idx, caches=None):
+        """Final hidden states (after ln_f), shape (B, T, n_embd). With caches (one KVCache per
+        layer), idx holds the tokens after the cached ones."""
         T = idx.size(1)
-        assert T <= self.config.block_size, f"sequence of {T} > block_size {self.config.block_size}"
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        start = caches[0].pos if caches else 0
+        assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size {self.config.block_size}"
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, caches[i] if caches else None)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
@@ -229,19 +260,27 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None):
-        """GPT: sample autoregressively. Rows that emit stop_token keep emitting it."""
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, top_p=1.0,
+                 use_cache=True):
+        """GPT: sample autoregressively (see sample_next for the decoders). Rows that emit
+        stop_token keep emitting it. In eval mode a KVCache per layer makes each step run the new
+        token alone, while the sequence fits in block_size; past it, the window is cropped to the
+        last block_size tokens and recomputed, as without the cache, so the tokens are the same.
+        In training mode DTU, DMU and dropout draw per forward over the whole window, which
+        a cache cannot replay: every step recomputes."""
+        block_size = self.config.block_size
+        caches = [KVCache(block_size) for _ in self.transformer.h] if use_cache and not self.training else None
+        done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :] / max(temperature, 1e-8)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('inf')
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            if caches and idx.size(1) <= block_size:
+                h = self.hidden(idx[:, caches[0].pos:], caches)  # the prompt, then one token: (B, T, C)
+            else:
+                h = self.hidden(idx[:, -block_size:])  # (B, min(t, block_size), C)
+            logits = self.lm_head(h[:, -1, :])  # the last position alone: (B, V)
+            idx_next = sample_next(logits, temperature, top_k, top_p)  # (B, 1)
             if stop_token is not None:
-                idx_next[done] = stop_token
-                done |= idx_next.squeeze(1) == stop_token
+                idx_next = idx_next.masked_fill(done, stop_token)
+                done |= idx_next == stop_token
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
@@ -269,6 +308,25 @@ class GPT(nn.Module):
             idx[fill] = sample[fill]
             masked &= ~fill
         return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=1.0):
+    """Logits (B, V) of the next token -> tokens (B, 1). temperature 0 is greedy (argmax); else a
+    draw from softmax(logits / temperature), cut to the top_k tokens and then to the nucleus: the
+    most probable tokens whose mass reaches top_p (Holtzman et al. 2019; top_p=1 is off). No host sync."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], -float('inf'))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
+        probs = F.softmax(sorted_logits, dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before it already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -float('inf')))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
 
 def mask_id(vocab_size):

@@ -1,10 +1,12 @@
 """
 Sample from a trained model: python sample.py --out_dir=out [--num_samples=5 --temperature=0.8 --top_k=40]
 
-GPT samples autoregressively (temperature, top-k). BERT fills a row of [MASK] by iterative
-mask-predict. The tokenizer comes from the checkpoint, so no data file is needed.
+GPT samples autoregressively: greedy at temperature 0, else temperature, top-k and top-p
+(nucleus). BERT fills a row of [MASK] by iterative mask-predict. The tokenizer comes from the
+checkpoint, so no data file is needed.
 """
 import sys
+import time
 
 import torch
 
@@ -12,7 +14,7 @@ from configurator import DEVICE, parse_flags, validate
 from data import tokenizer_from_state
 from model import GPT, GPTConfig, load_checkpoint, load_model_state, mask_id
 
-DEFAULTS = dict(out_dir='out', num_samples=5, max_new_tokens=64, temperature=1.0, top_k=0,
+DEFAULTS = dict(out_dir='out', num_samples=5, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
                 start='', mask_steps=10, seed=1337, device='cuda' if torch.cuda.is_available() else 'cpu')
 
 VALID = dict(out_dir='PATH', num_samples='>= 1', max_new_tokens='>= 1', temperature='>= 0', top_k='>= 0',
@@ -21,13 +23,16 @@ VALID = dict(out_dir='PATH', num_samples='>= 1', max_new_tokens='>= 1', temperat
 
 @torch.no_grad()
 def sample_texts(model, tok, n, max_new_tokens, temperature=1.0, top_k=0, start='', mask_steps=10,
-                 device='cpu', seed=1337, batch_size=100):
+                 device='cpu', seed=1337, batch_size=100, top_p=1.0):
     """n generated texts. GPT continues `start` (default: end-of-text, or a newline when the
-    tokenizer has none); BERT fills max_new_tokens [MASK] positions. Seeded and repeatable."""
+    tokenizer has none); temperature 0 is greedy, top_p < 1 keeps the nucleus. BERT fills
+    max_new_tokens [MASK] positions (temperature and top-k only). Seeded and repeatable.
+    Runs of several batches taking over 2 s print their progress to stderr."""
     was_training = model.training
     model.eval()
     top_k = top_k or None
     texts = []
+    t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for i in range(0, n, batch_size):
@@ -35,15 +40,24 @@ def sample_texts(model, tok, n, max_new_tokens, temperature=1.0, top_k=0, start=
             if model.config.causal:
                 prompt = tok.encode(start) if start else [tok.eot] if tok.eot is not None else tok.encode('\n')
                 idx = torch.tensor([prompt] * rows, dtype=torch.long, device=device)
-                out = model.generate(idx, max_new_tokens, temperature, top_k)[:, len(prompt):]
+                out = model.generate(idx, max_new_tokens, temperature, top_k, top_p=top_p)[:, len(prompt):]
             else:
                 mask = mask_id(model.config.vocab_size)
                 length = min(max_new_tokens, model.config.block_size)
                 idx = torch.full((rows, length), mask, dtype=torch.long, device=device)
                 out = model.generate_masked(idx, mask, mask_steps, temperature, top_k)
             texts += [tok.decode(row) for row in out.tolist()]
+            progress(len(texts), n, time.perf_counter() - t0, n > batch_size)
     model.train(was_training)
     return texts
+
+
+def progress(done, n, elapsed, several_batches):
+    """`sampling: 100/200 samples, eta 12s` on stderr after a batch, for runs of several batches
+    over 2 s; the last line gives the total time."""
+    if several_batches and elapsed > 2:
+        end = f", eta {elapsed / done * (n - done):.0f}s" if done < n else f" in {elapsed:.0f}s"
+        print(f"sampling: {done}/{n} samples{end}", file=sys.stderr, flush=True)
 
 
 def main(argv):

@@ -24,7 +24,7 @@ from baara import BAARA
 from configurator import DEVICE, parse_flags, validate
 from data import get_batch, load_data, tokenizer_from_state
 from metrics import evaluate, summary
-from model import GPT, GPTConfig, SIZES, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_tokens, peak_flops
+from model import GPT, GPTConfig, SIZES, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_id, mask_tokens, peak_flops
 from runfolder import RunLog, run_folder, write_atomic
 from sample import sample_texts
 from stabilize import PSU, Diagnostics, param_norm, update_norm
@@ -156,7 +156,7 @@ def batch(ids, c, tok, generator, device):
     """A training or eval batch: next-token pairs for GPT, masked-LM pairs for BERT."""
     x, y = get_batch(ids, c['batch_size'], c['block_size'], generator, device)
     if c['model'] == 'bert':
-        x, y = mask_tokens(x, tok.vocab_size, tok.vocab_size)
+        x, y = mask_tokens(x, mask_id(tok.vocab_size + 1), tok.vocab_size)  # [MASK]: BERT's one extra id
     return x, y
 
 
