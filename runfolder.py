@@ -11,7 +11,43 @@ import os
 import socket
 from contextlib import contextmanager, suppress
 
+from model import load_checkpoint
+
 RUN_FILES = ('ckpt.pt', 'log.jsonl', 'samples.txt', 'report.json')  # what a run writes into out_dir
+
+
+def checkpoint_path(c):
+    return os.path.join(c['out_dir'], 'ckpt.pt')
+
+
+CKPT_KEYS = ('model', 'optimizer', 'config', 'model_args', 'tokenizer', 'iter_num', 'ranks', 'psu', 'baara',
+             'diagnostics', 'latest')  # what save_checkpoint writes and a resumed run reads
+
+
+def resumed_config(config, given, defaults, shape_keys):
+    """--init_from=resume: the config of the checkpoint in out_dir under the keys given now (keys newer
+    than the checkpoint: defaults). A shape key (its model's shape, data or vocabulary) may only
+    repeat the checkpoint's value."""
+    out_dir, path = config['out_dir'], checkpoint_path(config)
+    if not os.path.exists(path) and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
+        raise SystemExit(f"error: nothing to resume: {path!r} does not exist (the run in {out_dir!r} stopped "
+                         f"before its first checkpoint); start it again with --overwrite=True")
+    ckpt = load_checkpoint(path)
+    missing = [key for key in CKPT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing or not isinstance(ckpt['config'], dict):
+        raise SystemExit(f"error: {path!r} is not a checkpoint written by train.py (it has no {', '.join(missing or ['config'])})")
+    saved = ckpt['config']
+    for key in shape_keys:
+        if key in given and key in saved and config[key] != saved[key]:
+            raise SystemExit(f"error: {key}={config[key]!r} does not match the checkpoint in {out_dir!r} ({key}="
+                             f"{saved[key]!r}): a resumed run keeps its model shape, data and tokenizer; drop --{key}, "
+                             f"or start a new run in another --out_dir")
+    config = {**defaults, **saved, **{k: config[k] for k in given}, 'out_dir': out_dir, 'init_from': 'resume',
+              'overwrite': config['overwrite']}
+    if config['max_iters'] < ckpt['iter_num']:  # the loop would never meet max_iters
+        raise SystemExit(f"error: max_iters={config['max_iters']} is below the iteration of the checkpoint in "
+                         f"{out_dir!r} ({ckpt['iter_num']}); resume with --max_iters={ckpt['iter_num']} or more")
+    return config
 
 
 @contextmanager

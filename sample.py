@@ -17,7 +17,7 @@ from model import GPT, GPTConfig, load_checkpoint, load_model_state, mask_id
 DEFAULTS = dict(out_dir='out', num_samples=5, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
                 start='', mask_steps=10, seed=1337, device='cuda' if torch.cuda.is_available() else 'cpu')
 
-VALID = dict(out_dir='PATH', num_samples='>= 1', max_new_tokens='>= 1', temperature='>= 0', top_k='>= 0',
+VALID = dict(out_dir='PATH', num_samples='>= 1', max_new_tokens='>= 1', temperature='>= 0', top_k='>= 0', top_p='(0, 1]',
              start='any', mask_steps='>= 1', seed='>= 0', device=DEVICE)  # configurator.py's rules, as train.py's
 
 
@@ -72,7 +72,7 @@ def main(argv):
     model.to(c['device'])
     tok = tokenizer_from_state(ckpt['tokenizer'])
     texts = sample_texts(model, tok, c['num_samples'], c['max_new_tokens'], c['temperature'], c['top_k'],
-                         c['start'], c['mask_steps'], c['device'], c['seed'])
+                         c['start'], c['mask_steps'], c['device'], c['seed'], top_p=c['top_p'])
     for text in texts:
         print(text.rstrip('\n'))
         print('---------------')

@@ -25,7 +25,7 @@ from configurator import DEVICE, parse_flags, validate
 from data import get_batch, load_data, tokenizer_from_state
 from metrics import evaluate, summary
 from model import GPT, GPTConfig, SIZES, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_id, mask_tokens, peak_flops
-from runfolder import RunLog, run_folder, write_atomic
+from runfolder import RunLog, checkpoint_path, resumed_config, run_folder, write_atomic
 from sample import sample_texts
 from stabilize import PSU, Diagnostics, param_norm, update_norm
 
@@ -78,7 +78,6 @@ VALID = dict(
 )
 # Keys that fix the model's shape, data or vocabulary: a resumed run may only repeat the checkpoint's value
 SHAPE_KEYS = ('model', 'size', 'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'data', 'tokenizer')
-CKPT = 'ckpt.pt'
 
 
 def get_config(argv):
@@ -88,7 +87,7 @@ def get_config(argv):
     config, given = parse_flags(DEFAULTS, argv, VALID)
     validate(config, VALID)  # what was given: out_dir and init_from are read below
     if config['init_from'] == 'resume':
-        config = resumed_config(config, given)
+        config = resumed_config(config, given, DEFAULTS, SHAPE_KEYS)
         validate(config, VALID)  # and what the checkpoint brought (its device, say)
     if 'size' in given and config['init_from'] != 'resume':
         for key, value in zip(('n_layer', 'n_head', 'n_embd'), SIZES[config['size']]):
@@ -103,42 +102,11 @@ def get_config(argv):
     return config
 
 
-CKPT_KEYS = ('model', 'optimizer', 'config', 'model_args', 'tokenizer', 'iter_num', 'ranks', 'psu', 'baara',
-             'diagnostics', 'latest')  # what save_checkpoint writes and a resumed run reads
-
-
-def resumed_config(config, given):
-    """The checkpoint's config under the keys given now (keys newer than the checkpoint: defaults).
-    A key that fixes the model's shape, data or vocabulary may only repeat the checkpoint's value."""
-    out_dir, path = config['out_dir'], os.path.join(config['out_dir'], CKPT)
-    if not os.path.exists(path) and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
-        raise SystemExit(f"error: nothing to resume: {path!r} does not exist (the run in {out_dir!r} stopped "
-                         f"before its first checkpoint); start it again with --overwrite=True")
-    ckpt = load_checkpoint(path)
-    missing = [key for key in CKPT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
-    if missing or not isinstance(ckpt['config'], dict):
-        raise SystemExit(f"error: {path!r} is not a checkpoint written by train.py (it has no {', '.join(missing or ['config'])})")
-    saved = ckpt['config']
-    for key in SHAPE_KEYS:
-        if key in given and key in saved and config[key] != saved[key]:
-            raise SystemExit(f"error: {key}={config[key]!r} does not match the checkpoint in {out_dir!r} ({key}="
-                             f"{saved[key]!r}): a resumed run keeps its model shape, data and tokenizer; drop --{key}, "
-                             f"or start a new run in another --out_dir")
-    config = {**DEFAULTS, **saved, **{k: config[k] for k in given}, 'out_dir': out_dir, 'init_from': 'resume',
-              'overwrite': config['overwrite']}
-    if config['max_iters'] < ckpt['iter_num']:  # the loop would never meet max_iters
-        raise SystemExit(f"error: max_iters={config['max_iters']} is below the iteration of the checkpoint in "
-                         f"{out_dir!r} ({ckpt['iter_num']}); resume with --max_iters={ckpt['iter_num']} or more")
-    return config
-
-
 def autocast_context(dtype, device):
     """bf16 autocast over float32 weights, or nothing for float32. (float16 is not offered: it would
     need a gradient scaler, and every GPU this targets has bf16.)"""
     if dtype == 'float32':
         return nullcontext()
-    if dtype != 'bfloat16':  # train.py checked it already; bench.py's --dtype comes here unchecked
-        raise SystemExit(f"error: dtype={dtype!r} is not one of float32, bfloat16")
     return torch.autocast(device_type='cuda' if device.startswith('cuda') else 'cpu', dtype=torch.bfloat16)
 
 
@@ -266,7 +234,8 @@ def run(c, rank, world):
     # ---- the training loop
     params = [p for p in raw_model.parameters() if p.requires_grad]
     tokens_per_iter = c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps'] * world
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device.startswith('cuda') else None  # for MFU
+    cuda = device.startswith('cuda')
+    peak = peak_flops(torch.cuda.get_device_name(device)) if cuda else None  # for MFU (a CPU's peak: unknown)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked at evals: no host sync per step
     t_start = t_log = time.time()
     iter_start, steps_timed = iter_num, 0
@@ -312,14 +281,17 @@ def run(c, rank, world):
             latest['losses'] = (latest['losses'] + [lossf])[-50:]
             now = time.time()
             tok_s = tokens_per_iter * steps_timed / (now - t_log)
-            eta = eta_field(now - t_start, iter_num + 1 - iter_start, c['max_iters'] - iter_num - 1)
+            done = iter_num + 1 - iter_start  # an ETA from fewer steps (warm-up, compile, first eval) misleads
+            eta = {'eta_s': round((now - t_start) / done * (c['max_iters'] - iter_num - 1))} if done >= 5 else {}
             t_log, steps_timed = now, 0
             if master:
                 entropy = psu.statistics(logits.detach(), y)[0].item()  # for Fig. 3, with or without PSU
                 log.write(dict(iter=iter_num, loss=lossf, lr=lr, tok_per_s=round(tok_s), **eta,
                                entropy=entropy, grad_norm=latest['grad_norm'].item(),
                                update_norm=latest['update_norm'].item(), **psu.log(),
-                               **(baara.log() if baara else {}), **device_stats(raw_model, tok_s / world, peak, device)))
+                               **(baara.log() if baara else {}),
+                               **({'mfu': raw_model.estimate_mfu(tok_s / world, peak)} if peak else {}),
+                               **({'peak_mem_gib': torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {})))
         iter_num += 1
 
     # ---- end of run: samples and metrics, on rank 0 alone
@@ -377,29 +349,8 @@ def build_model(config, state, source, c, world, rank):
     return distributed.build_fsdp(config, c['device'], world, c['dtype'], state, c['seed'] + rank)
 
 
-def device_stats(model, tokens_per_s, peak, device):
-    """MFU and peak memory, on a GPU (the peak FLOP/s of a CPU is not known)."""
-    out = {'mfu': model.estimate_mfu(tokens_per_s, peak)} if peak else {}
-    if device.startswith('cuda'):
-        out['peak_mem_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
-    return out
-
-
-ETA_AFTER = 5  # steps timed since the start (or the resume) before a log row carries eta_s
-
-
-def eta_field(elapsed, steps_done, steps_left):
-    """{'eta_s': seconds left}, or {} before ETA_AFTER steps: the first steps (warm-up, compilation,
-    the first eval) say little about the rest."""
-    return {'eta_s': round(elapsed / steps_done * steps_left)} if steps_done >= ETA_AFTER else {}
-
-
 # -----------------------------------------------------------------------------
 # checkpoints: all that the next steps read, so that a resumed run continues as the unbroken one
-
-def checkpoint_path(c):
-    return os.path.join(c['out_dir'], 'ckpt.pt')
-
 
 def fresh_latest():
     """What the next eval's Def. 3.1 record reads: the last 50 logged losses, ||g|| of the latest

@@ -223,3 +223,18 @@ def test_no_progress_line_for_one_batch_or_a_fast_run(monkeypatch, capsys):
     clock(monkeypatch, 0.1)
     sample.sample_texts(model(), TOK, 7, 4, batch_size=2)  # several fast ones
     assert capsys.readouterr() == ('', '')
+
+
+def test_sample_py_takes_every_decoder_from_its_flags(tmp_path, capsys):
+    """sample.py passes --top_p through: a nucleus of 1e-6 keeps only the most probable token, so it
+    prints the greedy (--temperature=0) samples; plain sampling (top_p=1) prints others."""
+    from conftest import run
+    import sample
+    run(tmp_path, iters=20)
+    capsys.readouterr()  # the training run's output
+    printed = {}
+    for flags in (('--temperature=0',), ('--top_p=1e-6',), ('--top_p=1.0',)):
+        sample.main([f'--out_dir={tmp_path}', '--num_samples=4', '--max_new_tokens=12', *flags])
+        printed[flags[0]] = capsys.readouterr().out
+    assert printed['--top_p=1e-6'] == printed['--temperature=0']
+    assert printed['--top_p=1.0'] != printed['--temperature=0']  # 4 x 12 sampled tokens, none argmax-only
