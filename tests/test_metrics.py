@@ -103,6 +103,9 @@ def test_template_labels_equal_mode_of(corpus):
     sents = corpus.sample_sentences(300, rng)
     sents += [s[::-1] for s in sents[:50]] + [s[:-1] for s in sents[50:100]] + [s + s[:1] for s in sents[100:120]]
     sents += [s + ['zzz'] for s in sents[120:140]] + [[], ['zzz'] + sents[0], sents[1] * 3]
+    first = min(corpus.slot_of.values())  # its words -> a non-word, in place: in no mode
+    sents += [['zzz' if corpus.slot_of[w] == first else w for w in s] for s in sents[140:200]
+              if first in map(corpus.slot_of.get, s)]
     vocab, ids = metrics.tokenize([''.join(' '.join(s) + '\n' for s in sents) + 'unfinished'])
     sent, complete = metrics.sentences(ids)
     word = ids > metrics.SEP
