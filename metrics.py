@@ -219,11 +219,14 @@ def reference_texts(corpus_text, texts):
 
 @torch.no_grad()
 def evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=8, n_batches=4,
-             device='cpu', ctx=nullcontext(), fraction=0.25, eps=0.05, seed=0):
+             device='cpu', ctx=nullcontext(), fraction=0.25, eps=0.05, seed=0, counts=None):
     """Every metric of a trained model (raw GPT) and its texts, as a JSON-able dict: text_metrics,
-    'corpus' = the same on reference_texts, and on validation batches H_pred, EOT mass, erank."""
-    counts, cfg, was_training, mask = word_counts(corpus_text), model.config, model.training, None
-    hf, bert, eot = high_frequency_set(counts, fraction), not cfg.causal, tok.eot
+    'corpus' = the same on reference_texts, and on validation batches H_pred, EOT mass, erank.
+    counts: the Counter of the corpus's words (data.Data.word_counts), of which corpus_text is only
+    a part for prepared bins; None: corpus_text's."""
+    counts = word_counts(corpus_text) if counts is None else counts
+    cfg, was_training, mask, eot = model.config, model.training, None, tok.eot
+    hf, bert = high_frequency_set(counts, fraction), not cfg.causal
     model.eval()
     gen, ent, eotm, hidden = torch.Generator().manual_seed(seed), [], [], []
     for _ in range(n_batches):  # fixed validation batches

@@ -163,6 +163,35 @@ def test_evaluate_on_a_tiny_model(corpus, causal):
     assert line.endswith(f" | len {length} | eot {m['eot_mass']:.3f}")
 
 
+def test_evaluate_takes_the_corpus_word_counts(corpus):
+    """counts stand for the corpus where corpus_text is only a part of it (prepared bins)."""
+    tok = WordTokenizer(corpus.words)
+    text = corpus.text(300, seed=4)
+    ids = np.array(tok.encode(text), dtype=np.int32)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=tok.vocab_size))
+    texts, part, keys = [text[:200], text[200:400]], text[:300], ('hf_set_size', 'corpus_hf_proportion', 'hf_proportion')
+    whole, given, alone = (metrics.evaluate(model, tok, t, corpus, texts, ids, batch_size=4, n_batches=2, counts=c)
+                           for t, c in [(text, None), (part, Counter(metrics.words(text))), (part, None)])
+    assert [given[k] for k in keys] == [whole[k] for k in keys] != [alone[k] for k in keys]
+
+
+def test_train_reports_hf_of_the_whole_prepared_corpus(tmp_path, monkeypatch, corpus):
+    """With prepared bins train.py holds only an excerpt of the text (data.EXCERPT tokens): the report's
+    high-frequency numbers come from the word counts of the whole corpus (meta.json's)."""
+    import data
+    src = tmp_path / 'corpus.txt'
+    src.write_text(corpus.text(400, seed=5))
+    data.prepare(str(src), str(tmp_path / 'bins'), tokenizer='char', val_fraction=0.1)
+    monkeypatch.setattr(data, 'EXCERPT', 500)
+    run(str(tmp_path / 'run'), f'--data={tmp_path}/bins', '--eval_interval=2', iters=2)
+    m = json.load(open(tmp_path / 'run' / 'report.json'))['metrics']
+    counts = Counter(metrics.words(src.read_text()))
+    hf = metrics.high_frequency_set(counts)
+    assert (m['hf_set_size'], m['corpus_hf_proportion']) == (len(hf), metrics.high_frequency_proportion(counts, hf))
+    part = metrics.high_frequency_set(metrics.word_counts(data.load_data(str(tmp_path / 'bins'), 'auto').text))
+    assert len(part) != len(hf)  # the excerpt alone would give other numbers
+
+
 def write_run(path, seed, lam, hf, channels='both'):
     os.makedirs(path)
     config = dict(model='gpt', seed=seed, size='tiny', n_layer=1, n_embd=32, psu_lambda=lam, data='synthetic',
