@@ -382,22 +382,23 @@ def fig3(run_dirs, out='fig3.png', bins=12):
     print(f"fig. 3: {len(pts)} logged steps of {len(run_dirs)} run(s) -> {out}")
 
 def main(argv):
-    """The CLI of the module docstring; mistakes are one-line errors."""
+    """The CLI: the module docstring, which -h or --help prints; mistakes are one-line errors."""
+    if '-h' in argv or '--help' in argv:
+        print(__doc__.strip())
+        raise SystemExit(0)
     flags = dict(a[2:].partition('=')[::2] for a in argv if a.startswith('--'))
     dirs, text = [a for a in argv if not a.startswith('--')], 'corpus' in flags or 'text' in flags
     valid = ('corpus', 'text', 'fraction', 'fig3', 'out', 'bins')
     if unknown := [k for k in flags if k not in valid]:
-        raise SystemExit(f"error: unknown option --{unknown[0]}; "
-                         "valid: --corpus= --text= --fraction= --fig3 --out= --bins=")
+        raise SystemExit(f"error: unknown option --{unknown[0]} (--help: the options)")
     try:
         fraction, bins = float(flags.get('fraction', 0.25)), int(flags.get('bins', 12))
         assert 0 < fraction <= 1 and bins >= 1
     except (ValueError, AssertionError):
         raise SystemExit("error: --fraction must be a number in (0, 1] and --bins an integer >= 1")
     if (dirs or not flags.get('corpus') or not flags.get('text')) if text else not dirs:
-        raise SystemExit("error: usage: python metrics.py RUN_DIR... | --fig3 RUN_DIR... "
-                         "[--out=fig3.png] [--bins=12] | --corpus=FILE --text=FILE "
-                         "[--fraction=0.25]")
+        raise SystemExit("error: usage: python metrics.py RUN_DIR... | --fig3 RUN_DIR... | "
+                         "--corpus=FILE --text=FILE (--help: more)")
     if missing := [d for d in dirs if not os.path.isdir(d)]:
         raise SystemExit(f"error: run folder {missing[0]!r} does not exist")
     if text:

@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 import metrics
-from conftest import run
+from conftest import ROOT, run
 from data import SyntheticCorpus, WordTokenizer
 from model import GPT, GPTConfig
 
@@ -226,6 +228,15 @@ def test_cli_table_on_run_folders(tmp_path, capsys):
     hf = np.array([0.2345, 0.3])  # seeds 2026 and 2027 at lambda 0, the rest of their rows the same
     assert (f"gpt tiny(1x32) synthetic lambda=0 seeds [2026, 2027]: hf {hf.mean():.4g}±{hf.std(ddof=1):.2g}, "
             "H_pred 2±0") in out
+
+
+def test_cli_help_prints_the_usage(capsys):
+    r = subprocess.run([sys.executable, 'metrics.py', '--help'], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == metrics.__doc__.strip() + '\n' and not r.stderr
+    assert 'python metrics.py --fig3 RUN_DIR...' in r.stdout
+    with pytest.raises(SystemExit) as e:
+        metrics.main(['-h', 'anything'])
+    assert e.value.code == 0 and capsys.readouterr().out == r.stdout
 
 
 def test_cli_fig3_and_hf_of_any_text(tmp_path, capsys):
