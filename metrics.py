@@ -5,8 +5,9 @@ computes them all at the end of a training run (train.py writes them to report.j
     python metrics.py --fig3 RUN_DIR... [--out=fig3.png] [--bins=12]  # Fig. 3, loss-entropy density
     python metrics.py --corpus=FILE --text=FILE [--fraction=0.25]     # HF proportion of any text
 
-Text metrics count words, not tokens, so that runs with different tokenizers compare, and are also
-computed on the corpus cut like the samples (reference_texts), at the same sample size.
+A row is a setting at a seed: runs that differ in any setting but lambda (not in out_dir, device,
+...) get rows of their own. Text metrics count words, not tokens, so that runs with different
+tokenizers compare, and are also computed on the corpus cut like the samples, at the same size.
 """
 import json
 import math
@@ -273,6 +274,9 @@ def fmt(v, spec):
     return '-' if v is None or math.isnan(v) else format(v, '.1%' if spec == '%' else spec)
 
 # ----------------------------------------------------------------------------- the CLI
+# not settings: the seed (the cross-seed stats are over it), psu_lambda (the column), bookkeeping
+NOT_SETTINGS = ('seed', 'psu_lambda', 'out_dir', 'init_from', 'overwrite', 'device', 'compile')
+IN_LABEL = ('model', 'size', 'n_layer', 'n_embd', 'data')  # the settings every row label shows
 
 def read_log(path):
     """The records of a run folder's log.jsonl ([] without one)."""
@@ -293,13 +297,20 @@ def read_report(d):
 
 def collect_rows(run_dirs):
     """-> (paper: row -> {lambda: the paper's value}, runs: sorted (row, lambda, metrics, verdict,
-    last val_loss)). A row: (model, seed, size, data, the settings that differ from ABLATION)."""
+    last val_loss)). A row: (model, seed, size, data, key=value for every other setting that differs
+    between the runs that have it, and for ABLATION's from its default): a setting at a seed."""
+    reports = [read_report(d) for d in run_dirs]
+    differ = [k for k in dict.fromkeys(k for c, *_ in reports for k in c) if k not in NOT_SETTINGS
+              and len({repr(c[k]) for c, *_ in reports if k in c}) > 1]
+    datas = {c.get('data', '?') for c, *_ in reports}  # by basename, if that tells them apart
+    full = len({os.path.basename(x) or x for x in datas}) < len(datas)
     paper, runs = {}, []
-    for c, m, verdict, val in map(read_report, run_dirs):
+    for c, m, verdict, val in reports:
         data, size = c.get('data', '?'), str(c.get('size', '?'))
-        changed = ' '.join(f"{k}={c[k]}" for k, v in ABLATION.items() if k in c and c[k] != v)
+        changed = [f"{k}={c[k]}" for k, v in ABLATION.items() if k in c and c[k] != v]
+        changed += [f"{k}={c.get(k)}" for k in differ if k not in ABLATION and k not in IN_LABEL]
         row = (c.get('model', '?'), c.get('seed'), f"{size}({c.get('n_layer')}x{c.get('n_embd')})",
-               os.path.basename(data) or data, changed)
+               data if full else os.path.basename(data) or data, ' '.join(changed))
         scale = next((s for s in ('2B', '3B') if s.lower() in size), '1B')  # the paper's row
         paper[row] = dict(zip(PAPER_LAMBDAS, PAPER.get((c.get('model'), c.get('seed'), scale), ())))
         runs.append((row, float(c.get('psu_lambda', 0.0)), m, verdict, val))

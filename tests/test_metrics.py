@@ -194,10 +194,11 @@ def test_train_reports_hf_of_the_whole_prepared_corpus(tmp_path, monkeypatch, co
     assert len(part) != len(hf)  # the excerpt alone would give other numbers
 
 
-def write_run(path, seed, lam, hf, channels='both'):
+def write_run(path, seed, lam, hf, channels='both', **more):
     os.makedirs(path)
     config = dict(model='gpt', seed=seed, size='tiny', n_layer=1, n_embd=32, psu_lambda=lam, data='synthetic',
                   psu_channels=channels)
+    config.update(more)
     m = dict(hf_proportion=hf, corpus_hf_proportion=0.277, predictive_entropy=2.0, n_modes=3)
     json.dump(dict(config=config, stability={'verdict': 'stable'}, metrics=m), open(f'{path}/report.json', 'w'))
     with open(f'{path}/log.jsonl', 'w') as f:
@@ -228,6 +229,31 @@ def test_cli_table_on_run_folders(tmp_path, capsys):
     hf = np.array([0.2345, 0.3])  # seeds 2026 and 2027 at lambda 0, the rest of their rows the same
     assert (f"gpt tiny(1x32) synthetic lambda=0 seeds [2026, 2027]: hf {hf.mean():.4g}±{hf.std(ddof=1):.2g}, "
             "H_pred 2±0") in out
+
+
+def test_cli_rows_are_the_settings_that_differ(tmp_path, capsys):
+    """A row per setting (every config key whose values differ, but seed, lambda and bookkeeping) and
+    seed: three tokenizers on one text are three rows, and two seeds of one setting a cross-seed mean."""
+    text = dict(data='/data/tinyshakespeare.txt', max_iters=600)
+    for name, seed, hf, tok in [('char', 2026, 0.234, 'char'), ('bpe', 2026, 0.27, 'gpt2'),
+                                ('compact', 2026, 0.061, 'gpt2-compact'), ('char2', 2027, 0.3, 'char')]:
+        write_run(str(tmp_path / name), seed, 0.0, hf, tokenizer=tok, out_dir=name, device=name, **text)
+    metrics.main([str(tmp_path / name) for name in ('char', 'bpe', 'compact', 'char2')])
+    out = capsys.readouterr().out
+    table62 = out.split('\n\n')[0].splitlines()[2:-1]
+    assert [line.split('  ')[0] for line in table62] == [
+        'gpt 2026 tiny(1x32) tinyshakespeare.txt tokenizer=char', 'gpt 2026 tiny(1x32) tinyshakespeare.txt tokenizer=gpt2',
+        'gpt 2026 tiny(1x32) tinyshakespeare.txt tokenizer=gpt2-compact', 'gpt 2027 tiny(1x32) tinyshakespeare.txt tokenizer=char']
+    assert [line.split()[5] for line in table62] == ['23.4%', '27.0%', '6.1%', '30.0%']  # none is the mean of three
+    hf = np.array([0.234, 0.3])
+    seeds = out.split('\n\n')[2].splitlines()[1:]
+    assert seeds == [f"gpt tiny(1x32) tinyshakespeare.txt tokenizer=char lambda=0 seeds [2026, 2027]: "
+                     f"hf {hf.mean():.4g}±{hf.std(ddof=1):.2g}, H_pred 2±0, modes 3±0"]
+    write_run(str(tmp_path / 'a' / 'input'), 2026, 0.0, 0.2, data='/a/input.txt')  # same basename: whole paths
+    write_run(str(tmp_path / 'b' / 'input'), 2026, 0.0, 0.2, data='/b/input.txt')
+    metrics.main([str(tmp_path / 'a' / 'input'), str(tmp_path / 'b' / 'input')])
+    rows = [line.split('  ')[0] for line in capsys.readouterr().out.splitlines()[2:4]]
+    assert rows == ['gpt 2026 tiny(1x32) /a/input.txt', 'gpt 2026 tiny(1x32) /b/input.txt']
 
 
 def test_cli_help_prints_the_usage(capsys):
