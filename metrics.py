@@ -1,16 +1,13 @@
-"""
-Metrics of Sec. 6 as plain functions on tokens, text, logits or hidden states; evaluate() computes
-them all at the end of a training run (train.py writes them to report.json). The CLI:
+"""Metrics of Sec. 6 as plain functions on tokens, text, logits or hidden states; evaluate()
+computes them all at the end of a training run (train.py writes them to report.json). The CLI:
 
     python metrics.py RUN_DIR...                  # Table 6.2 (ours / paper), other metrics, seeds
     python metrics.py --fig3 RUN_DIR... [--out=fig3.png] [--bins=12]  # Fig. 3, loss-entropy density
     python metrics.py --corpus=FILE --text=FILE [--fraction=0.25]     # HF proportion of any text
 
-Choices the paper leaves open, made here: text metrics count words ([A-Za-z']+, lowercased), not
-tokens, so that runs with different tokenizers compare; end-of-text in generated text is '\\n' and
-a "sentence" is a segment it closes; modes are corpus.mode_of's templates on the synthetic corpus,
-else words; the text metrics are also computed on the corpus cut like the samples
-(reference_texts), to compare at the same sample size.
+A row is a setting at a seed: runs that differ in any setting but lambda (not in out_dir, device,
+...) get rows of their own. Text metrics count words, not tokens, so that runs with different
+tokenizers compare, and are also computed on the corpus cut like the samples, at the same size.
 """
 import json
 import math
@@ -23,7 +20,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from data import get_batch, read_text
+from data import WORD_BYTES, count_words as word_counts, entropy, get_batch, read_text
 from model import mask_id, mask_tokens
 
 PAPER_LAMBDAS = (0.0, 0.05, 0.2)  # PAPER: Table 6.2's high-frequency word proportion (%) at these
@@ -37,14 +34,8 @@ def words(text):
     """The words of a text: maximal runs of [A-Za-z'], lowercased."""
     return ' '.join(re.findall(r"[A-Za-z']+", text)).lower().split()
 
-def word_counts(text):
-    """Counter of words(text), computed fast by tokenize()."""
-    vocab, ids = tokenize([text])
-    return Counter({vocab[i]: int(c) for i, c in enumerate(np.bincount(ids)) if i > SEP and c})
-
 def high_frequency_set(corpus_text, fraction=0.25):
-    """The smallest set of a corpus text's (or a Counter's) most frequent words (ranked by count,
-    ties alphabetically) covering `fraction` of its word occurrences."""
+    """The fewest most frequent words (count, then a-z) of a text or Counter covering `fraction`."""
     assert 0 < fraction <= 1, fraction
     counts = corpus_text if isinstance(corpus_text, Counter) else word_counts(corpus_text)
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -70,23 +61,19 @@ def eot_mass(logits, eot, mask=None):
 def sample_entropy(tokens, counts=None):
     """Plug-in entropy (nats) of the unigram distribution of generated tokens, or of `counts`."""
     c = np.asarray(list(Counter(tokens).values()) if counts is None else counts, dtype=np.float64)
-    p = c[c > 0] / c.sum()
-    return float(-(p * np.log(p)).sum())
+    return entropy(c[c > 0] / c.sum())
 
 def effective_rank(hidden):
-    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of the (N, d)
-    hidden states (leading dims flattened, not centred), those under numpy's rank tolerance 0."""
+    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of hidden."""
     h = torch.as_tensor(hidden).detach()
     eps = torch.finfo(h.dtype if h.is_floating_point() else torch.float64).eps
-    h = h.reshape(-1, h.shape[-1]).double()
+    h = h.reshape(-1, h.shape[-1]).double()  # (N, d): leading dims flattened, not centred
     s = torch.linalg.svdvals(h)
-    s = s[s > s.max() * eps * max(h.shape)]
+    s = s[s > s.max() * eps * max(h.shape)]  # those above numpy's rank tolerance
     return math.exp(torch.special.entr(s / s.sum()).sum().item())
 
-# tokenize() equals words() (tested), fast: bytes.translate with BYTE_TO_WORD_CHAR keeps a-z and '
-# (A-Z lowercased), turns '\n' into \x01 (the word NL, id 0) and any other byte into a space.
-BYTE_TO_WORD_CHAR = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or c == 39
-                          else 1 if c == 10 else 32 for c in range(256))
+# tokenize() equals words() (tested), fast: data.py's WORD_BYTES, with '\n' as \x01, the word NL
+BYTE_TO_WORD_CHAR = WORD_BYTES[:10] + b'\x01' + WORD_BYTES[11:]
 NL, SEP = 0, 1
 Encoded = namedtuple('Encoded', 'ids lens vocab')  # sequences: flat int64 ids, lengths, vocab size
 
@@ -106,12 +93,11 @@ def encode(seqs):
     return Encoded(np.array(flat, dtype=np.int64), lens, len(index))
 
 def ngrams(seqs, n):
-    """(codes, seq) of sequences (or an Encoded): an integer code per n-gram (none crosses two
-    sequences) and its sequence; exact when vocab**n < 2**64, else a 64-bit rolling hash."""
+    """(codes, seq) of sequences (or an Encoded): a code per n-gram (none spans two) and its seq."""
     ids, lens, vocab = seqs if isinstance(seqs, Encoded) else encode(seqs)
     seq = np.repeat(np.arange(len(lens)), lens)
     pos = np.flatnonzero(np.arange(len(ids)) + n <= np.repeat(np.cumsum(lens), lens))
-    base = np.uint64(vocab if max(vocab, 2) ** n < 2 ** 64 else 0x9E3779B97F4A7C15)
+    base = np.uint64(vocab if max(vocab, 2) ** n < 2 ** 64 else 0x9E3779B97F4A7C15)  # else hashed
     codes = ids[pos].astype(np.uint64)
     for k in range(1, n):  # uint64 arithmetic wraps around
         codes = codes * base + ids[pos + k].astype(np.uint64)
@@ -123,9 +109,7 @@ def distinct_n(seqs, n):
     return (1 + np.count_nonzero(c[1:] != c[:-1])) / len(c) if len(c) else float('nan')
 
 def seq_rep_n(seqs, n=4):
-    """seq-rep-n (Welleck et al. 2019): per sequence 1 - unique n-grams / total n-grams, averaged
-    over the sequences that have an n-gram. A sequence looping with period p over L tokens scores
-    1 - p / (L - n + 1) (close to 1, not 1); a sequence of distinct tokens scores 0."""
+    """seq-rep-n (Welleck et al. 2019): 1 - unique / total n-grams, averaged over the sequences."""
     codes, seq = ngrams(seqs, n)
     if not len(codes):
         return float('nan')
@@ -134,7 +118,7 @@ def seq_rep_n(seqs, n=4):
     total = np.bincount(s)
     first = np.r_[True, (c[1:] != c[:-1]) | (s[1:] != s[:-1])]  # an n-gram's first in its sequence
     unique = np.bincount(s[first], minlength=len(total))
-    return float(np.mean(1 - unique[total > 0] / total[total > 0]))
+    return float(np.mean(1 - unique[total > 0] / total[total > 0]))  # those with an n-gram
 
 def loop_share(seqs, max_period=10, tail=20):
     """Share of sequences stuck in a loop: seq[i] == seq[i - p] over their last `tail` positions
@@ -156,10 +140,9 @@ def smallest_set(mass, eps):
     return int(np.searchsorted(np.cumsum(m) / m.sum(), 1 - eps - 1e-12)) + 1
 
 def mode_concentration(labels, eps=0.05, ks=(1, 5)):
-    """Def. 3.2 on generated samples. labels: each generated sentence's (or word's) mode, None (-1
-    in an int array) = in no mode. Over the labelled ones: n_modes = the distinct modes produced,
-    modes_for_mass = the fewest modes holding 1 - eps of the mass, top{k}_mass = the mass on the k
-    most frequent modes; none_share = the share of labels in no mode."""
+    """Def. 3.2 on labels, each sentence's (or word's) mode or None (-1 in an int array): n_modes,
+    the distinct modes; modes_for_mass, the fewest holding 1 - eps of the labelled; top{k}_mass,
+    the k most frequent's share of them; none_share, the share of labels in no mode."""
     if not isinstance(labels, np.ndarray):  # None -> -1, the modes -> 0, 1, ... as they come
         index = {None: -1}
         labels = np.array([index.setdefault(x, len(index) - 1) for x in labels], dtype=np.int64)
@@ -172,22 +155,14 @@ def mode_concentration(labels, eps=0.05, ks=(1, 5)):
                 **{f'top{k}_mass': float(top[min(k, len(top)) - 1]) if n else None for k in ks})
 
 def template_labels(corpus, vocab, ids, sent, n_sent):
-    """corpus.mode_of of every sentence, vectorised (equal to it, tested); -1 = no mode. A sentence
-    is coded as sum_k slot(word_k) * S**k, S = number of slots + 1, slot 0 = not a corpus word."""
-    slots = sorted(set(corpus.slot_of.values()))
-    base, longest = len(slots) + 1, max(map(len, corpus.templates))
-    assert base ** (longest + 1) < 2 ** 53, "too many slots for exact float64 codes"
-    symbol = {s: k + 1 for k, s in enumerate(slots)}
-    sym = np.array([symbol.get(corpus.slot_of.get(w), 0) for w in vocab], dtype=np.int64)[ids]
-    k = np.arange(len(ids)) - np.searchsorted(sent, np.arange(n_sent))[sent]  # position in sentence
-    length = np.bincount(sent, minlength=n_sent)
-    no_slot = np.bincount(sent, weights=sym == 0, minlength=n_sent) > 0  # has a word in no slot
-    digits = np.where(k < longest, sym * float(base) ** np.minimum(k, longest), 0)
-    code = np.bincount(sent, weights=digits, minlength=n_sent).astype(np.int64)
-    mode = {sum(symbol[s] * base ** i for i, s in enumerate(t)): m
-            for m, t in enumerate(corpus.templates)}
-    labels = np.array([mode.get(c, -1) for c in code.tolist()], dtype=np.int64)
-    return np.where(no_slot | (length > longest) | (length == 0), -1, labels)
+    """corpus.mode_of of every sentence (equal to it, tested), -1 for none, fast: a sentence is
+    coded as bytes, a byte per word, its slot (1, 2, ...; 0 = not a corpus word)."""
+    slots = {s: k + 1 for k, s in enumerate(sorted(set(corpus.slot_of.values())))}
+    assert len(slots) < 256, "too many slots for a byte each"
+    code = np.array([slots.get(corpus.slot_of.get(w), 0) for w in vocab], np.uint8)[ids].tobytes()
+    mode = {bytes(slots[s] for s in t): m for m, t in enumerate(corpus.templates)}
+    ends = np.searchsorted(sent, np.arange(n_sent + 1)).tolist()  # sentence i: ends[i]:ends[i + 1]
+    return np.array([mode.get(code[a:b], -1) for a, b in zip(ends, ends[1:])], dtype=np.int64)
 
 def sentences(ids):
     """(sentence index of each of tokenize()'s ids, which sentences are complete): a sentence is a
@@ -198,10 +173,8 @@ def sentences(ids):
     return sent, complete
 
 def text_metrics(texts, hf_set, corpus=None, drop_first=False, eps=0.05):
-    """All text metrics of a list of generated samples. Sentences: a sample's unfinished last one
-    is not counted, nor with drop_first (BERT, whose window starts anywhere) its first one.
-    Lengths: words before each sample's first end-of-text; length_mean/std over the samples that
-    emit one, terminated = the share that do (BERT: read sentence_length_mean)."""
+    """All text metrics of generated samples; modes: corpus.mode_of's templates, else words. With
+    drop_first (BERT, whose window starts anywhere) a sample's first sentence is not counted."""
     vocab, ids = tokenize(texts)
     word, sep = ids > SEP, ids == SEP
     sample = (np.cumsum(sep) - sep)[word]  # the sample of each word
@@ -210,9 +183,9 @@ def text_metrics(texts, hf_set, corpus=None, drop_first=False, eps=0.05):
     sent, complete = sentences(ids)
     sent_words = np.bincount(sent[word], minlength=len(complete))
     first = sent[np.r_[0, np.flatnonzero(sep)[:-1] + 1]]  # the first sentence of each sample
-    lengths = sent_words[first[complete[first]]]
-    complete[first] &= not drop_first  # BERT: nor the first
-    labels = (enc.ids if corpus is None  # modes: templates on the synthetic corpus, else words
+    lengths = sent_words[first[complete[first]]]  # words before end-of-text, of those that emit one
+    complete[first] &= not drop_first  # (BERT: read sentence_length_mean, not length_mean)
+    labels = (enc.ids if corpus is None
               else template_labels(corpus, vocab, ids[word], sent[word], len(complete))[complete])
     hf = high_frequency_proportion(dict(zip(vocab, counts.tolist())), hf_set)
     hist = {str(k): int(v) for k, v in zip(*np.unique(lengths, return_counts=True))}
@@ -228,8 +201,7 @@ def text_metrics(texts, hf_set, corpus=None, drop_first=False, eps=0.05):
                 modes_kind='words' if corpus is None else 'templates')
 
 def cross_seed(reports):
-    """{metric: (mean, std)} over a list of metric dicts (one per seed), for the numeric metrics
-    every dict has; std is the sample standard deviation (ddof=1), 0 for a single seed."""
+    """{metric: (mean, std: ddof=1, 0 for one)} of the numbers all metric dicts (seeds) have."""
     number = (int, float)
     keys = [k for k, v in reports[0].items() if isinstance(v, number) and not isinstance(v, bool)
             and all(isinstance(r.get(k), number) for r in reports)]
@@ -248,15 +220,17 @@ def reference_texts(corpus_text, texts):
 
 @torch.no_grad()
 def evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=8, n_batches=4,
-             device='cpu', ctx=nullcontext(), fraction=0.25, eps=0.05, seed=0):
+             device='cpu', ctx=nullcontext(), fraction=0.25, eps=0.05, seed=0, counts=None):
     """Every metric of a trained model (raw GPT) and its texts, as a JSON-able dict: text_metrics,
-    'corpus' = the same on reference_texts(corpus_text, texts), and on n_batches fixed validation
-    batches the predictive entropy (BERT: at masked positions), EOT mass and effective rank."""
-    counts, cfg, was_training, mask = word_counts(corpus_text), model.config, model.training, None
-    hf, bert, eot = high_frequency_set(counts, fraction), not cfg.causal, tok.eot
+    'corpus' = the same on reference_texts, and on validation batches H_pred, EOT mass, erank.
+    counts: the Counter of the corpus's words (data.Data.word_counts), of which corpus_text is only
+    a part for prepared bins; None: corpus_text's."""
+    counts = word_counts(corpus_text) if counts is None else counts
+    cfg, was_training, mask, eot = model.config, model.training, None, tok.eot
+    hf, bert = high_frequency_set(counts, fraction), not cfg.causal
     model.eval()
     gen, ent, eotm, hidden = torch.Generator().manual_seed(seed), [], [], []
-    for _ in range(n_batches):
+    for _ in range(n_batches):  # fixed validation batches
         x, _ = get_batch(val_ids, batch_size, min(cfg.block_size, len(val_ids) - 2), gen, 'cpu')
         if bert:  # masked as in training: random replacements are the tokenizer's tokens
             x, y = mask_tokens(x, mask_id(cfg.vocab_size), tok.vocab_size, generator=gen)
@@ -268,14 +242,13 @@ def evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=8, n_ba
         eotm += [eot_mass(logits, eot, mask)] if eot is not None else []
         hidden.append(h.float())
     model.train(was_training)
-    eot_rate = float(np.mean(np.asarray(val_ids) == eot)) if eot is not None else None
     out = dict(fraction=fraction, eps=eps, hf_set_size=len(hf),
                corpus_hf_proportion=high_frequency_proportion(counts, hf),
                **text_metrics(texts, hf, corpus, bert, eps), predictive_entropy=float(np.mean(ent)),
                eot_mass=float(np.mean(eotm)) if eotm else None,
                effective_rank=effective_rank(torch.cat(hidden)), n_embd=cfg.n_embd,
                corpus=text_metrics(reference_texts(corpus_text, texts), hf, corpus, bert, eps),
-               corpus_eot_rate=eot_rate)
+               corpus_eot_rate=float(np.mean(np.asarray(val_ids) == eot)) if eotm else None)
     if corpus is not None:  # entropy_rate: nats per word-level token (as H_pred for tokenizer=word)
         out.update(n_modes_total=len(corpus.templates),
                    true_modes_for_mass=smallest_set(corpus.mode_probs, eps),
@@ -285,10 +258,10 @@ def evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=8, n_ba
 # the table's columns: (name, metric, format; '%' = a percentage)
 COLUMNS = [('hf', 'hf_proportion', '%'), ('H_pred', 'predictive_entropy', '.3f'),
            ('H_sample', 'sample_entropy', '.3f'), ('erank', 'effective_rank', '.1f'),
-           ('modes', 'n_modes', ''), ('m(1-eps)', 'modes_for_mass', ''), ('top1', 'top1_mass', '%'),
-           ('none', 'none_share', '%'), ('dist-2', 'distinct_2', '.3f'),
-           ('rep-4', 'seq_rep_4', '.3f'), ('loops', 'loop_share', '%'),
-           ('len', 'length_mean', '.2f'), ('eot', 'eot_mass', '.3f')]
+           ('modes', 'n_modes', ''), ('m(1-eps)', 'modes_for_mass', ''),
+           ('top1', 'top1_mass', '%'), ('none', 'none_share', '%'),
+           ('dist-2', 'distinct_2', '.3f'), ('rep-4', 'seq_rep_4', '.3f'),
+           ('loops', 'loop_share', '%'), ('len', 'length_mean', '.2f'), ('eot', 'eot_mass', '.3f')]
 
 def summary(m):
     """One line for the end of a run: the HF proportion (the corpus's too), the table's columns."""
@@ -301,40 +274,55 @@ def fmt(v, spec):
     return '-' if v is None or math.isnan(v) else format(v, '.1%' if spec == '%' else spec)
 
 # ----------------------------------------------------------------------------- the CLI
+# not settings: the seed (the cross-seed stats are over it), psu_lambda (the column), bookkeeping
+NOT_SETTINGS = ('seed', 'psu_lambda', 'out_dir', 'init_from', 'overwrite', 'device', 'compile')
+IN_LABEL = ('model', 'size', 'n_layer', 'n_embd', 'data')  # the settings every row label shows
 
 def read_log(path):
     """The records of a run folder's log.jsonl ([] without one)."""
     log = os.path.join(path, 'log.jsonl')
     return [json.loads(line) for line in open(log) if line.strip()] if os.path.isfile(log) else []
 
+def read_report(d):
+    """A run folder's (config, metrics, stability verdict, last val_loss), else a one-line error."""
+    path = os.path.join(d, 'report.json')
+    try:
+        report = json.load(open(path))
+        c, m, stability = report['config'], report.get('metrics') or {}, report.get('stability', {})
+    except (OSError, ValueError, KeyError) as e:
+        why = f'{type(e).__name__}: {e}'
+        raise SystemExit(f"error: {path!r} is not a finished run's report ({why})")
+    val = [r['val_loss'] for r in read_log(d) if 'val_loss' in r] or [None]
+    return c, m, stability.get('verdict', '-'), val[-1]
+
 def collect_rows(run_dirs):
     """-> (paper: row -> {lambda: the paper's value}, runs: sorted (row, lambda, metrics, verdict,
-    last val_loss)). A row: (model, seed, size, data, the settings that differ from ABLATION)."""
+    last val_loss)). A row: (model, seed, size, data, key=value for every other setting that differs
+    between the runs that have it, and for ABLATION's from its default): a setting at a seed."""
+    reports = [read_report(d) for d in run_dirs]
+    differ = [k for k in dict.fromkeys(k for c, *_ in reports for k in c) if k not in NOT_SETTINGS
+              and len({repr(c[k]) for c, *_ in reports if k in c}) > 1]
+    datas = {c.get('data', '?') for c, *_ in reports}  # by basename, if that tells them apart
+    full = len({os.path.basename(x) or x for x in datas}) < len(datas)
     paper, runs = {}, []
-    for d in run_dirs:
-        path = os.path.join(d, 'report.json')
-        try:
-            report = json.load(open(path))
-            c, m = report['config'], report.get('metrics') or {}
-            verdict = report.get('stability', {}).get('verdict', '-')
-        except (OSError, ValueError, KeyError) as e:
-            why = f'{type(e).__name__}: {e}'
-            raise SystemExit(f"error: {path!r} is not a finished run's report ({why})")
+    for c, m, verdict, val in reports:
         data, size = c.get('data', '?'), str(c.get('size', '?'))
-        changed = ' '.join(f"{k}={c[k]}" for k, v in ABLATION.items() if k in c and c[k] != v)
+        changed = [f"{k}={c[k]}" for k, v in ABLATION.items() if k in c and c[k] != v]
+        changed += [f"{k}={c.get(k)}" for k in differ if k not in ABLATION and k not in IN_LABEL]
         row = (c.get('model', '?'), c.get('seed'), f"{size}({c.get('n_layer')}x{c.get('n_embd')})",
-               os.path.basename(data) or data, changed)
+               data if full else os.path.basename(data) or data, ' '.join(changed))
         scale = next((s for s in ('2B', '3B') if s.lower() in size), '1B')  # the paper's row
         paper[row] = dict(zip(PAPER_LAMBDAS, PAPER.get((c.get('model'), c.get('seed'), scale), ())))
-        val = [r['val_loss'] for r in read_log(d) if 'val_loss' in r] or [None]
-        runs.append((row, float(c.get('psu_lambda', 0.0)), m, verdict, val[-1]))
+        runs.append((row, float(c.get('psu_lambda', 0.0)), m, verdict, val))
     rows = list(paper)  # by row, first seen first, then by lambda
     return paper, sorted(runs, key=lambda run: (rows.index(run[0]), run[1]))
 
 def row_label(row):
+    """A row's name: its parts."""
     return ' '.join(str(x) for x in row if x != '')
 
 def print_row(name, cols, width, col_width=10):
+    """A table line: the name in `width` characters, then each of cols in col_width."""
     print((name.ljust(width) + ''.join(str(s).ljust(col_width) for s in cols)).rstrip())
 
 def print_table(paper, runs):
@@ -343,12 +331,10 @@ def print_table(paper, runs):
     width = max(len(row_label(row)) for row in paper) + 2
     print("Table 6.2: high-frequency word proportion, ours / paper")
     print_row('row', [f'lambda={lam:g}' for lam in lams], width, 18)
-    ours = {}  # (row, lambda) -> the high-frequency word proportions of its runs
-    for row, lam, m, _, _ in runs:
-        if m.get('hf_proportion') is not None:
-            ours.setdefault((row, lam), []).append(m['hf_proportion'])
-    for row, values in paper.items():
-        hf = [fmt(np.mean(ours[row, lam]) if (row, lam) in ours else None, '%') for lam in lams]
+    for row, values in paper.items():  # ours: the mean of the row's runs at each lambda
+        ours = [[m['hf_proportion'] for r, x, m, _, _ in runs if (r, x) == (row, lam)
+                 and m.get('hf_proportion') is not None] for lam in lams]
+        hf = [fmt(np.mean(o) if o else None, '%') for o in ours]
         theirs = [fmt(values.get(lam, math.nan) / 100, '%') for lam in lams]
         print_row(row_label(row), [f'{a} / {b}' for a, b in zip(hf, theirs)], width, 18)
     corpus = sorted({fmt(m.get('corpus_hf_proportion'), '%') for _, _, m, _, _ in runs if m})
@@ -363,7 +349,11 @@ def print_table(paper, runs):
     refs = {row[3]: m['corpus'] for row, _, m, _, _ in runs if m.get('corpus')}  # by data: the last
     for data, ref in refs.items():
         print_row(f'corpus {data}', [''] + [fmt(ref.get(k), spec) for _, k, spec in COLUMNS], width)
-    seeds = {}  # (the row less model and seed, lambda) -> {seed: metrics}, for GPT
+    print_seeds(runs)
+
+def print_seeds(runs):
+    """Cross-seed mean ± std of the GPT rows that differ only in the seed."""
+    seeds = {}  # (the row less model and seed, lambda) -> {seed: metrics}
     for row, lam, m, _, _ in runs:
         if row[0] == 'gpt':
             seeds.setdefault((row[2:], lam), {}).update({row[1]: m} if m else {})
@@ -376,8 +366,8 @@ def print_table(paper, runs):
             f"{name} {stats[k][0]:.4g}±{stats[k][1]:.2g}" for name, k, _ in COLUMNS if k in stats))
 
 def fig3(run_dirs, out='fig3.png', bins=12):
-    """Fig. 3: density of (training loss, 'entropy' of the batch, else PSU's 'psu_entropy') over the
-    logged steps: a hexbin PNG where matplotlib is installed, else a text table of counts."""
+    """Fig. 3: density of the logged (loss, 'entropy' else 'psu_entropy'): a hexbin PNG, or a text
+    table of counts without matplotlib."""
     pts = [(r['loss'], r.get('entropy', r.get('psu_entropy')))
            for d in run_dirs for r in read_log(d) if 'loss' in r]
     pts = np.array([p for p in pts if p[1] is not None], dtype=np.float64).reshape(-1, 2)
@@ -403,21 +393,23 @@ def fig3(run_dirs, out='fig3.png', bins=12):
     print(f"fig. 3: {len(pts)} logged steps of {len(run_dirs)} run(s) -> {out}")
 
 def main(argv):
+    """The CLI: the module docstring, which -h or --help prints; mistakes are one-line errors."""
+    if '-h' in argv or '--help' in argv:
+        print(__doc__.strip())
+        raise SystemExit(0)
     flags = dict(a[2:].partition('=')[::2] for a in argv if a.startswith('--'))
     dirs, text = [a for a in argv if not a.startswith('--')], 'corpus' in flags or 'text' in flags
     valid = ('corpus', 'text', 'fraction', 'fig3', 'out', 'bins')
     if unknown := [k for k in flags if k not in valid]:
-        raise SystemExit(f"error: unknown option --{unknown[0]}; "
-                         "valid: --corpus= --text= --fraction= --fig3 --out= --bins=")
+        raise SystemExit(f"error: unknown option --{unknown[0]} (--help: the options)")
     try:
         fraction, bins = float(flags.get('fraction', 0.25)), int(flags.get('bins', 12))
         assert 0 < fraction <= 1 and bins >= 1
     except (ValueError, AssertionError):
         raise SystemExit("error: --fraction must be a number in (0, 1] and --bins an integer >= 1")
     if (dirs or not flags.get('corpus') or not flags.get('text')) if text else not dirs:
-        raise SystemExit("error: usage: python metrics.py RUN_DIR... | --fig3 RUN_DIR... "
-                         "[--out=fig3.png] [--bins=12] | --corpus=FILE --text=FILE "
-                         "[--fraction=0.25]")
+        raise SystemExit("error: usage: python metrics.py RUN_DIR... | --fig3 RUN_DIR... | "
+                         "--corpus=FILE --text=FILE (--help: more)")
     if missing := [d for d in dirs if not os.path.isdir(d)]:
         raise SystemExit(f"error: run folder {missing[0]!r} does not exist")
     if text:

@@ -299,7 +299,7 @@ def run(c, rank, world):
         raw_model = distributed.unsharded(raw_model, config, device)
     if master:
         log.close()
-        finish(raw_model, tok, corpus, corpus_text, val_ids, diagnostics, iter_num, c, device, ctx)
+        finish(raw_model, tok, corpus, corpus_text, val_ids, diagnostics, iter_num, c, device, ctx, data.word_counts)
     distributed.teardown()
 
 
@@ -403,7 +403,7 @@ def stop_nonfinite(iter_num, c):
                      f"checkpoint in {c['out_dir']!r} is untouched")
 
 
-def finish(model, tok, corpus, corpus_text, val_ids, diagnostics, iter_num, c, device, ctx):
+def finish(model, tok, corpus, corpus_text, val_ids, diagnostics, iter_num, c, device, ctx, counts=None):
     """End of run: samples to samples.txt, metrics and the stability verdict to report.json, which
     also says which run made it: its config and the iteration of its model (and checkpoint)."""
     with ctx:
@@ -411,7 +411,7 @@ def finish(model, tok, corpus, corpus_text, val_ids, diagnostics, iter_num, c, d
     write_atomic(os.path.join(c['out_dir'], 'samples.txt'), '\n=====\n'.join(texts))
     verdict = diagnostics.verdict()
     metrics = evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=c['batch_size'],
-                       device=device, ctx=ctx, seed=c['seed'])
+                       device=device, ctx=ctx, seed=c['seed'], counts=counts)
     report = dict(config=c, iter_num=iter_num, stability=verdict, metrics=metrics)
     write_atomic(os.path.join(c['out_dir'], 'report.json'), json.dumps(report, indent=1))
     print(summary(metrics))

@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 import metrics
-from conftest import run
+from conftest import ROOT, run
 from data import SyntheticCorpus, WordTokenizer
 from model import GPT, GPTConfig
 
@@ -103,6 +105,9 @@ def test_template_labels_equal_mode_of(corpus):
     sents = corpus.sample_sentences(300, rng)
     sents += [s[::-1] for s in sents[:50]] + [s[:-1] for s in sents[50:100]] + [s + s[:1] for s in sents[100:120]]
     sents += [s + ['zzz'] for s in sents[120:140]] + [[], ['zzz'] + sents[0], sents[1] * 3]
+    first = min(corpus.slot_of.values())  # its words -> a non-word, in place: in no mode
+    sents += [['zzz' if corpus.slot_of[w] == first else w for w in s] for s in sents[140:200]
+              if first in map(corpus.slot_of.get, s)]
     vocab, ids = metrics.tokenize([''.join(' '.join(s) + '\n' for s in sents) + 'unfinished'])
     sent, complete = metrics.sentences(ids)
     word = ids > metrics.SEP
@@ -160,10 +165,40 @@ def test_evaluate_on_a_tiny_model(corpus, causal):
     assert line.endswith(f" | len {length} | eot {m['eot_mass']:.3f}")
 
 
-def write_run(path, seed, lam, hf, channels='both'):
+def test_evaluate_takes_the_corpus_word_counts(corpus):
+    """counts stand for the corpus where corpus_text is only a part of it (prepared bins)."""
+    tok = WordTokenizer(corpus.words)
+    text = corpus.text(300, seed=4)
+    ids = np.array(tok.encode(text), dtype=np.int32)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=tok.vocab_size))
+    texts, part, keys = [text[:200], text[200:400]], text[:300], ('hf_set_size', 'corpus_hf_proportion', 'hf_proportion')
+    whole, given, alone = (metrics.evaluate(model, tok, t, corpus, texts, ids, batch_size=4, n_batches=2, counts=c)
+                           for t, c in [(text, None), (part, Counter(metrics.words(text))), (part, None)])
+    assert [given[k] for k in keys] == [whole[k] for k in keys] != [alone[k] for k in keys]
+
+
+def test_train_reports_hf_of_the_whole_prepared_corpus(tmp_path, monkeypatch, corpus):
+    """With prepared bins train.py holds only an excerpt of the text (data.EXCERPT tokens): the report's
+    high-frequency numbers come from the word counts of the whole corpus (meta.json's)."""
+    import data
+    src = tmp_path / 'corpus.txt'
+    src.write_text(corpus.text(400, seed=5))
+    data.prepare(str(src), str(tmp_path / 'bins'), tokenizer='char', val_fraction=0.1)
+    monkeypatch.setattr(data, 'EXCERPT', 500)
+    run(str(tmp_path / 'run'), f'--data={tmp_path}/bins', '--eval_interval=2', iters=2)
+    m = json.load(open(tmp_path / 'run' / 'report.json'))['metrics']
+    counts = Counter(metrics.words(src.read_text()))
+    hf = metrics.high_frequency_set(counts)
+    assert (m['hf_set_size'], m['corpus_hf_proportion']) == (len(hf), metrics.high_frequency_proportion(counts, hf))
+    part = metrics.high_frequency_set(metrics.word_counts(data.load_data(str(tmp_path / 'bins'), 'auto').text))
+    assert len(part) != len(hf)  # the excerpt alone would give other numbers
+
+
+def write_run(path, seed, lam, hf, channels='both', **more):
     os.makedirs(path)
     config = dict(model='gpt', seed=seed, size='tiny', n_layer=1, n_embd=32, psu_lambda=lam, data='synthetic',
                   psu_channels=channels)
+    config.update(more)
     m = dict(hf_proportion=hf, corpus_hf_proportion=0.277, predictive_entropy=2.0, n_modes=3)
     json.dump(dict(config=config, stability={'verdict': 'stable'}, metrics=m), open(f'{path}/report.json', 'w'))
     with open(f'{path}/log.jsonl', 'w') as f:
@@ -194,6 +229,40 @@ def test_cli_table_on_run_folders(tmp_path, capsys):
     hf = np.array([0.2345, 0.3])  # seeds 2026 and 2027 at lambda 0, the rest of their rows the same
     assert (f"gpt tiny(1x32) synthetic lambda=0 seeds [2026, 2027]: hf {hf.mean():.4g}±{hf.std(ddof=1):.2g}, "
             "H_pred 2±0") in out
+
+
+def test_cli_rows_are_the_settings_that_differ(tmp_path, capsys):
+    """A row per setting (every config key whose values differ, but seed, lambda and bookkeeping) and
+    seed: three tokenizers on one text are three rows, and two seeds of one setting a cross-seed mean."""
+    text = dict(data='/data/tinyshakespeare.txt', max_iters=600)
+    for name, seed, hf, tok in [('char', 2026, 0.234, 'char'), ('bpe', 2026, 0.27, 'gpt2'),
+                                ('compact', 2026, 0.061, 'gpt2-compact'), ('char2', 2027, 0.3, 'char')]:
+        write_run(str(tmp_path / name), seed, 0.0, hf, tokenizer=tok, out_dir=name, device=name, **text)
+    metrics.main([str(tmp_path / name) for name in ('char', 'bpe', 'compact', 'char2')])
+    out = capsys.readouterr().out
+    table62 = out.split('\n\n')[0].splitlines()[2:-1]
+    assert [line.split('  ')[0] for line in table62] == [
+        'gpt 2026 tiny(1x32) tinyshakespeare.txt tokenizer=char', 'gpt 2026 tiny(1x32) tinyshakespeare.txt tokenizer=gpt2',
+        'gpt 2026 tiny(1x32) tinyshakespeare.txt tokenizer=gpt2-compact', 'gpt 2027 tiny(1x32) tinyshakespeare.txt tokenizer=char']
+    assert [line.split()[5] for line in table62] == ['23.4%', '27.0%', '6.1%', '30.0%']  # none is the mean of three
+    hf = np.array([0.234, 0.3])
+    seeds = out.split('\n\n')[2].splitlines()[1:]
+    assert seeds == [f"gpt tiny(1x32) tinyshakespeare.txt tokenizer=char lambda=0 seeds [2026, 2027]: "
+                     f"hf {hf.mean():.4g}±{hf.std(ddof=1):.2g}, H_pred 2±0, modes 3±0"]
+    write_run(str(tmp_path / 'a' / 'input'), 2026, 0.0, 0.2, data='/a/input.txt')  # same basename: whole paths
+    write_run(str(tmp_path / 'b' / 'input'), 2026, 0.0, 0.2, data='/b/input.txt')
+    metrics.main([str(tmp_path / 'a' / 'input'), str(tmp_path / 'b' / 'input')])
+    rows = [line.split('  ')[0] for line in capsys.readouterr().out.splitlines()[2:4]]
+    assert rows == ['gpt 2026 tiny(1x32) /a/input.txt', 'gpt 2026 tiny(1x32) /b/input.txt']
+
+
+def test_cli_help_prints_the_usage(capsys):
+    r = subprocess.run([sys.executable, 'metrics.py', '--help'], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == metrics.__doc__.strip() + '\n' and not r.stderr
+    assert 'python metrics.py --fig3 RUN_DIR...' in r.stdout
+    with pytest.raises(SystemExit) as e:
+        metrics.main(['-h', 'anything'])
+    assert e.value.code == 0 and capsys.readouterr().out == r.stdout
 
 
 def test_cli_fig3_and_hf_of_any_text(tmp_path, capsys):
