@@ -35,7 +35,7 @@ from stabilize import PSU
 BENCH = dict(steps=25, warmup=3, seed=1337, metrics_words=1_000_000,
              threads=0,  # torch CPU threads; 0 = torch's default. On a shared machine 1 gives steadier ratios
              device='cuda' if torch.cuda.is_available() else 'cpu',
-             dtype='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32')
+             dtype=train.default_dtype())
 
 
 class Setup:
