@@ -9,15 +9,18 @@ Each row steps two training setups alternately (A, B, A, B, ...) and reports the
 step time over that of the A step just before it, so that a busy machine, or one whose speed
 drifts, slows both alike. A step is train.train_step, the step train.py's loop takes: batch ->
 forward (+ PSU's feedback loss) -> backward -> (BAARA's act) -> clip -> AdamW -> (BAARA's finish)
--> (PSU's pull); the logged-step extras every log_interval are left out. Setups with periodic
+-> (PSU's pull); the logged-step extras every log_interval are left out. One row trains from prepared
+bins (memory-mapped) against the same tokens in memory; one line times data.prepare (GPT-2 BPE). Setups with periodic
 work (BAARA's reference gradient every REF_EVERY steps) are timed over whole periods. The
 sampling row steps train.py's end-of-run sampling instead, with and without the key/value cache.
 On a GPU it adds torch.compile against eager, tokens/s and MFU at GPT-2 size (124M, bf16).
 """
+import math
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -27,15 +30,16 @@ import torch
 import train
 from baara import BAARA, REF_EVERY
 from configurator import DEVICE, parse_flags, validate
-from data import load_data
+from data import load_data, prepare
 from metrics import high_frequency_set, text_metrics
 from model import GPT, MLP, GPTConfig, peak_flops
 from stabilize import PSU
 
 BENCH = dict(steps=25, warmup=3, seed=1337, metrics_words=1_000_000,
+             prepare_mb=10.0,  # MB of text for the data.prepare line
              threads=0,  # torch CPU threads; 0 = torch's default. On a shared machine 1 gives steadier ratios
              device='cuda' if torch.cuda.is_available() else 'cpu',
-             dtype='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32')
+             dtype=train.default_dtype())
 
 
 class Setup:
@@ -167,6 +171,42 @@ def metrics_time(corpus, corpus_text, n_words):
     return f"{dt:.2f} s for {out['n_words'] / 1e6:.2f}M words in {len(texts):,} samples ({out['n_words'] / dt / 1e3:,.0f}k words/s)"
 
 
+def bins_data(corpus_text, folder, chars=2_000_000):
+    """(ids, tokenizer) twice, for the same training tokens: in memory (load_data of a text file, int32) and
+    memory-mapped from bins that data.prepare made of that file (uint16). The file is the synthetic corpus's
+    first `chars` characters (whole sentences), tokenized by characters, so both give one vocabulary and model."""
+    path, out = os.path.join(folder, 'corpus.txt'), os.path.join(folder, 'bins')
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(corpus_text[:corpus_text.rfind('\n', 0, chars) + 1])
+    memory = load_data(path, 'char')
+    prepare(path, out, tokenizer='char')
+    bins = load_data(out, 'auto')
+    whole = np.concatenate([memory.train, memory.val])
+    assert isinstance(bins.train, np.memmap) and bins.tok.chars == memory.tok.chars
+    assert np.array_equal(np.concatenate([bins.train, bins.val]), whole), 'the bins hold other tokens than load_data'
+    return (whole[:len(bins.train)], memory.tok), (bins.train, bins.tok)  # bins.train's tokens, in memory
+
+
+def prepare_speed(corpus_text, mb, folder):
+    """data.prepare (GPT-2 BPE, every core) on about mb MB: tinyshakespeare repeated if ../shared/data has it,
+    else the synthetic corpus. The time includes loading the BPE tables, as `python data.py` takes them."""
+    shakespeare = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data', 'tinyshakespeare.txt')
+    name, text = 'synthetic corpus', corpus_text
+    if os.path.exists(shakespeare):
+        name, text = 'tinyshakespeare', open(shakespeare, encoding='utf-8').read()
+    repeats = max(1, math.ceil(mb * 1e6 / len(text.encode('utf-8'))))
+    path = os.path.join(folder, 'prepare.txt')
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(text * repeats)
+    size = os.path.getsize(path)
+    t0 = time.perf_counter()
+    meta = prepare(path, os.path.join(folder, 'prepare_bins'), tokenizer='gpt2')
+    dt = time.perf_counter() - t0
+    tokens = sum(meta['splits'][s]['tokens'] for s in ('train', 'val'))
+    return (f"{size / 1e6 / dt:.1f} MB/s on {size / 1e6:.1f} MB ({name} x {repeats}, {tokens:,} tokens in {dt:.2f} s, "
+            f"{os.cpu_count()} threads)")
+
+
 GPT2 = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=8, dropout=0.0)
 
 
@@ -191,7 +231,7 @@ def gpu_rows(b, pair, size=GPT2, label='GPT-2 124M', vocab=50304):
 
 
 def main(argv):
-    rules = dict(steps='>= 1', warmup='>= 0', seed='>= 0', metrics_words='>= 1', threads='>= 0',
+    rules = dict(steps='>= 1', warmup='>= 0', seed='>= 0', metrics_words='>= 1', prepare_mb='> 0', threads='>= 0',
                  device=DEVICE, dtype='float32 | bfloat16')  # configurator.py's rules, as train.py's
     b, _ = parse_flags(BENCH, argv, rules)
     validate(b, rules)
@@ -223,6 +263,9 @@ def main(argv):
     off, _ = pair(f'PSU lambda=0.2 both / off, {tiny}', Setup(data, b),
                   Setup(data, b, psu_lambda=0.2, psu_channels='both'), 1.05)
     pair(f'BAARA on / off, {tiny}', Setup(data, b), Setup(data, b, baara=True), 1.10)
+    with tempfile.TemporaryDirectory() as folder:  # the bins are read while the pair steps
+        in_memory, from_bins = bins_data(corpus_text, folder)
+        pair(f'train step from bins / from memory, {tiny}', Setup(in_memory, b), Setup(from_bins, b), 1.02)
     pair(f"sampling, cached / uncached, {d['num_samples']} x {d['sample_tokens']} tokens of the tiny model ({d['n_layer']}x{d['n_embd']})",
          SamplingSetup(data, b, use_cache=False), SamplingSetup(data, b, use_cache=True), 0.3,
          steps=min(b['steps'], 5))  # an uncached step takes seconds
@@ -234,6 +277,8 @@ def main(argv):
     rows.append(('tokens/s, MFU', None, None, tok_s, None))
     rows.append((f"text metrics on {b['metrics_words'] / 1e6:g}M words", None, None,
                  metrics_time(corpus, corpus_text, b['metrics_words']), None))
+    with tempfile.TemporaryDirectory() as folder:
+        rows.append(('prepare (gpt2 BPE)', None, None, prepare_speed(corpus_text, b['prepare_mb'], folder), None))
 
     width = max(len(r[0]) for r in rows)
     print(f"\n{'':{width}}  {'A ms':>8} {'B ms':>8}  B/A")

@@ -29,6 +29,15 @@ from runfolder import RunLog, checkpoint_path, resumed_config, run_folder, write
 from sample import sample_texts
 from stabilize import PSU, Diagnostics, param_norm, update_norm
 
+
+def default_dtype():
+    """bfloat16 on a GPU that computes in it (compute capability 8.0 on: A100, H100, H200; ROCm), else float32.
+    T4 and V100 only emulate bf16, slower than float32, and torch.cuda.is_bf16_supported() says True there
+    unless asked without emulation. bench.py's default is this one too."""
+    native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    return 'bfloat16' if native else 'float32'
+
+
 DEFAULTS = dict(
     # I/O
     out_dir='out', eval_interval=100, log_interval=10, eval_iters=20,
@@ -54,7 +63,7 @@ DEFAULTS = dict(
     num_samples=200, sample_tokens=64,
     # system
     device='cuda' if torch.cuda.is_available() else 'cpu',
-    dtype='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32',
+    dtype=default_dtype(),          # bfloat16 on a GPU with native bf16, else float32
     compile=False, seed=1337,
     fsdp=False,                   # under torchrun: shard parameters, gradients, optimiser state (FSDP2, fully_shard)
     overwrite=False,              # a fresh run may replace the run already in out_dir (else it is refused)
