@@ -87,7 +87,7 @@ class BAARA:
         index = {id(p): i for i, p in enumerate(self.params)}
         self.block_params = [torch.tensor([index[id(p)] for p in b.parameters()]) for b in blocks]  # into params
         self.block_numel = [sum(p.numel() for p in b.parameters()) for b in blocks]  # for the Fisher means
-        self.frozen = {'all': [], 'top': torch.cat(self.block_params[:len(blocks) // 2]).tolist()}  # by P_S
+        self.frozen = {'all': [], 'top': [i for b in self.block_params[:len(blocks) // 2] for i in b.tolist()]}  # P_S
         counts = np.zeros(config.vocab_size)  # BERT's [MASK] id never occurs in the data
         counts[:len(token_counts)] = token_counts
         counts += 1.0

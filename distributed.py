@@ -175,6 +175,7 @@ def unsharded(model, config, device):
     with torch.device('meta'):
         model = GPT(config)
     model.to_empty(device=device).load_state_dict(state)
+    model.lm_head.weight = model.transformer.wte.weight  # to_empty untied them
     return model
 
 

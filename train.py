@@ -219,6 +219,9 @@ def run(c, rank, world):
     gpt2_args, gpt2_weights = load_gpt2(c) if c['init_from'] not in ('scratch', 'resume') else (None, None)
     train_ids, val_ids, tok, corpus_text, corpus = data = load_data(c['data'], c['tokenizer'])
     check_data(train_ids, val_ids, tok, ckpt, c)
+    if ckpt is not None and len(ckpt['ranks']) != world:  # each rank's RNGs and PSU reference were saved
+        raise SystemExit(f"error: the checkpoint in {c['out_dir']!r} was saved by {len(ckpt['ranks'])} process(es); "
+                         f"resume it with as many (this run has {world})")
     config = model_config(c, tok.vocab_size + (c['model'] == 'bert'), gpt2_args)  # BERT's [MASK]: one more id
     state, source = (ckpt['model'], checkpoint_path(c)) if ckpt is not None else (gpt2_weights, c['init_from'])
     raw_model = build_model(config, state, source, c, world, rank)  # state None: freshly initialised
@@ -258,12 +261,7 @@ def run(c, rank, world):
             diag = diagnostics.record(iter_num, param_norm(params).item(), float(latest['grad_norm']),
                                       float(latest['update_norm']), latest['losses'])
             if master:
-                row = dict(**diag, train_loss=losses['train'], val_loss=losses['val'])
-                if c['model'] == 'gpt':  # comparable across tokenizers (BERT's loss covers masked tokens only)
-                    row['val_bpb'] = data.bits_per_byte(losses['val'])
-                if corpus is not None and tok.name == 'word' and c['model'] == 'gpt':
-                    row['entropy_rate'] = corpus.entropy_rate()
-                log.write(row)
+                log.write(eval_row(diag, losses, data, c))
             if iter_num > iter_start:
                 save_checkpoint(checkpoint_path(c), raw_model, optimizer, psu, baara, diagnostics, data_gen,
                                 iter_num, latest, tok, c)
@@ -326,6 +324,18 @@ def load_gpt2(c):
         raise SystemExit(f"error: init_from={c['init_from']!r} has {args.vocab_size} token embeddings; GPT-2 "
                          f"weights have 50257 (or a padded 50304)")
     return args, state
+
+
+def eval_row(diag, losses, data, c):
+    """An eval's log row: Def. 3.1's record, the losses, and for a GPT the validation loss in bits
+    per byte (comparable across tokenizers; BERT's loss covers the masked tokens only) and, on the
+    synthetic corpus with its own words, the true entropy rate the loss can reach."""
+    row = dict(**diag, train_loss=losses['train'], val_loss=losses['val'])
+    if c['model'] == 'gpt':
+        row['val_bpb'] = data.bits_per_byte(losses['val'])
+        if data.corpus is not None and data.tok.name == 'word':
+            row['entropy_rate'] = data.corpus.entropy_rate()
+    return row
 
 
 def check_data(train_ids, val_ids, tok, ckpt, c):
