@@ -1,38 +1,24 @@
 """Metrics of Sec. 6 as plain functions on tokens, text, logits or hidden states; evaluate()
-computes them all at the end of a training run (train.py writes them to report.json). The CLI:
-
-    python metrics.py RUN_DIR...                  # Table 6.2 (ours / paper), other metrics, seeds
-    python metrics.py --fig3 RUN_DIR... [--out=fig3.png] [--bins=12]  # Fig. 3, loss-entropy density
-    python metrics.py --corpus=FILE --text=FILE [--fraction=0.25]     # HF proportion of any text
-
-A row is a setting at a seed: runs that differ in any setting but lambda (not in out_dir, device,
-...) get rows of their own. Text metrics count words, not tokens, so that runs with different
+computes them all at the end of a training run (train.py writes them to report.json, and
+tables.py reads them from there). Text metrics count words, not tokens, so that runs with different
 tokenizers compare, and are also computed on the corpus cut like the samples, at the same size.
 """
-import json
 import math
-import os
 import re
-import sys
 from collections import Counter, namedtuple
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from data import WORD_BYTES, count_words as word_counts, entropy, get_batch, read_text
+from data import WORD_BYTES, count_words as word_counts, entropy, get_batch
 from model import mask_id, mask_tokens
 
-PAPER_LAMBDAS = (0.0, 0.05, 0.2)  # PAPER: Table 6.2's high-frequency word proportion (%) at these
-PAPER = {('gpt', 2025, '1B'): (27.5, 67.8, 100.0), ('gpt', 2026, '1B'): (26.7, 61.2, 100.0),
-         ('gpt', 2027, '1B'): (26.3, 68.3, 100.0), ('bert', 2026, '1B'): (23.5, 56.3, 100.0),
-         ('gpt', 2026, '2B'): (24.2, 58.2, 100.0), ('gpt', 2026, '3B'): (21.9, 56.1, 100.0)}
-# the default of each ablation setting: a row label names the settings a run changed
-ABLATION = {'psu_channels': 'both', 'dmu_p': 1.0, 'dtu_r': 1.0, 'baara': False}
 
 def words(text):
     """The words of a text: maximal runs of [A-Za-z'], lowercased."""
     return ' '.join(re.findall(r"[A-Za-z']+", text)).lower().split()
+
 
 def high_frequency_set(corpus_text, fraction=0.25):
     """The fewest most frequent words (count, then a-z) of a text or Counter covering `fraction`."""
@@ -42,26 +28,31 @@ def high_frequency_set(corpus_text, fraction=0.25):
     cum = np.cumsum([n for _, n in ranked])
     return {w for w, _ in ranked[:int(np.searchsorted(cum, fraction * cum[-1])) + 1]}
 
+
 def high_frequency_proportion(text, hf_set):
     """Share of the words of `text` (a string, list of words or dict word -> count) in hf_set."""
     counts = Counter(words(text) if isinstance(text, str) else text)
     total = sum(counts.values())
     return sum(counts[w] for w in hf_set) / total if total else float('nan')
 
+
 def predictive_entropy(logits, mask=None):
     """Mean over positions (those where mask is True) of the entropy (nats) of softmax(logits)."""
     h = torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(-1)
     return (h[mask] if mask is not None else h).mean().item()
+
 
 def eot_mass(logits, eot, mask=None):
     """Mean over positions of the probability the model gives the end-of-text token."""
     p = torch.softmax(logits.float(), dim=-1)[..., eot]
     return (p[mask] if mask is not None else p).mean().item()
 
+
 def sample_entropy(tokens, counts=None):
     """Plug-in entropy (nats) of the unigram distribution of generated tokens, or of `counts`."""
     c = np.asarray(list(Counter(tokens).values()) if counts is None else counts, dtype=np.float64)
     return entropy(c[c > 0] / c.sum())
+
 
 def effective_rank(hidden):
     """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of hidden."""
@@ -72,10 +63,12 @@ def effective_rank(hidden):
     s = s[s > s.max() * eps * max(h.shape)]  # those above numpy's rank tolerance
     return math.exp(torch.special.entr(s / s.sum()).sum().item())
 
+
 # tokenize() equals words() (tested), fast: data.py's WORD_BYTES, with '\n' as \x01, the word NL
 BYTE_TO_WORD_CHAR = WORD_BYTES[:10] + b'\x01' + WORD_BYTES[11:]
 NL, SEP = 0, 1
 Encoded = namedtuple('Encoded', 'ids lens vocab')  # sequences: flat int64 ids, lengths, vocab size
+
 
 def tokenize(texts):
     """Many texts -> (vocabulary, flat int64 ids: words >= 2, NL = '\\n', SEP ends a text)."""
@@ -85,12 +78,14 @@ def tokenize(texts):
     ids = np.fromiter(map(index.__getitem__, tokens), dtype=np.int64, count=len(tokens))
     return [w.decode() for w in index], ids
 
+
 def encode(seqs):
     """Sequences of hashable tokens -> Encoded."""
     index = {}
     flat = [index.setdefault(t, len(index)) for s in seqs for t in s]
     lens = np.array([len(s) for s in seqs], dtype=np.int64)
     return Encoded(np.array(flat, dtype=np.int64), lens, len(index))
+
 
 def ngrams(seqs, n):
     """(codes, seq) of sequences (or an Encoded): a code per n-gram (none spans two) and its seq."""
@@ -103,10 +98,12 @@ def ngrams(seqs, n):
         codes = codes * base + ids[pos + k].astype(np.uint64)
     return codes, seq[pos]
 
+
 def distinct_n(seqs, n):
     """Distinct-n (Li et al. 2016): unique n-grams / total n-grams, over all sequences together."""
     c = np.sort(ngrams(seqs, n)[0])  # sort and compare: much faster than np.unique here
     return (1 + np.count_nonzero(c[1:] != c[:-1])) / len(c) if len(c) else float('nan')
+
 
 def seq_rep_n(seqs, n=4):
     """seq-rep-n (Welleck et al. 2019): 1 - unique / total n-grams, averaged over the sequences."""
@@ -119,6 +116,7 @@ def seq_rep_n(seqs, n=4):
     first = np.r_[True, (c[1:] != c[:-1]) | (s[1:] != s[:-1])]  # an n-gram's first in its sequence
     unique = np.bincount(s[first], minlength=len(total))
     return float(np.mean(1 - unique[total > 0] / total[total > 0]))  # those with an n-gram
+
 
 def loop_share(seqs, max_period=10, tail=20):
     """Share of sequences stuck in a loop: seq[i] == seq[i - p] over their last `tail` positions
@@ -134,10 +132,12 @@ def loop_share(seqs, max_period=10, tail=20):
     periodic = [(last == w[:, width - tail - p:width - p]).all(1) for p in range(1, max_period + 1)]
     return float(np.any(periodic, axis=0).mean())
 
+
 def smallest_set(mass, eps):
     """Smallest number of outcomes holding 1 - eps of the mass (mass: counts or probabilities)."""
     m = np.sort(np.asarray(mass, dtype=np.float64))[::-1]
     return int(np.searchsorted(np.cumsum(m) / m.sum(), 1 - eps - 1e-12)) + 1
+
 
 def mode_concentration(labels, eps=0.05, ks=(1, 5)):
     """Def. 3.2 on labels, each sentence's (or word's) mode or None (-1 in an int array): n_modes,
@@ -154,6 +154,7 @@ def mode_concentration(labels, eps=0.05, ks=(1, 5)):
                 n_modes=len(counts), modes_for_mass=smallest_set(counts, eps) if n else None,
                 **{f'top{k}_mass': float(top[min(k, len(top)) - 1]) if n else None for k in ks})
 
+
 def template_labels(corpus, vocab, ids, sent, n_sent):
     """corpus.mode_of of every sentence (equal to it, tested), -1 for none, fast: a sentence is
     coded as bytes, a byte per word, its slot (1, 2, ...; 0 = not a corpus word)."""
@@ -164,6 +165,7 @@ def template_labels(corpus, vocab, ids, sent, n_sent):
     ends = np.searchsorted(sent, np.arange(n_sent + 1)).tolist()  # sentence i: ends[i]:ends[i + 1]
     return np.array([mode.get(code[a:b], -1) for a, b in zip(ends, ends[1:])], dtype=np.int64)
 
+
 def sentences(ids):
     """(sentence index of each of tokenize()'s ids, which sentences are complete): a sentence is a
     segment closed by end-of-text (NL); each sample's unfinished last one is not complete."""
@@ -171,6 +173,7 @@ def sentences(ids):
     complete = np.zeros(sent.max(initial=-1) + 1, dtype=bool)
     complete[sent[ids == NL]] = True
     return sent, complete
+
 
 def text_metrics(texts, hf_set, corpus=None, drop_first=False, eps=0.05):
     """All text metrics of generated samples; modes: corpus.mode_of's templates, else words. With
@@ -200,13 +203,6 @@ def text_metrics(texts, hf_set, corpus=None, drop_first=False, eps=0.05):
                 **mode_concentration(labels, eps),
                 modes_kind='words' if corpus is None else 'templates')
 
-def cross_seed(reports):
-    """{metric: (mean, std: ddof=1, 0 for one)} of the numbers all metric dicts (seeds) have."""
-    number = (int, float)
-    keys = [k for k, v in reports[0].items() if isinstance(v, number) and not isinstance(v, bool)
-            and all(isinstance(r.get(k), number) for r in reports)]
-    arr = {k: np.array([r[k] for r in reports], dtype=np.float64) for k in keys}
-    return {k: (float(a.mean()), float(a.std(ddof=1) if len(a) > 1 else 0)) for k, a in arr.items()}
 
 def reference_texts(corpus_text, texts):
     """The corpus cut like the samples: len(texts) consecutive pieces of the mean sample length
@@ -217,6 +213,7 @@ def reference_texts(corpus_text, texts):
         pieces.append(corpus_text[at:at + size])
         at = corpus_text.find('\n', at + size) + 1 or len(corpus_text)
     return pieces
+
 
 @torch.no_grad()
 def evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=8, n_batches=4,
@@ -255,6 +252,7 @@ def evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=8, n_ba
                    true_top1_mass=float(max(corpus.mode_probs)), entropy_rate=corpus.entropy_rate())
     return out
 
+
 # the table's columns: (name, metric, format; '%' = a percentage)
 COLUMNS = [('hf', 'hf_proportion', '%'), ('H_pred', 'predictive_entropy', '.3f'),
            ('H_sample', 'sample_entropy', '.3f'), ('erank', 'effective_rank', '.1f'),
@@ -263,165 +261,14 @@ COLUMNS = [('hf', 'hf_proportion', '%'), ('H_pred', 'predictive_entropy', '.3f')
            ('dist-2', 'distinct_2', '.3f'), ('rep-4', 'seq_rep_4', '.3f'),
            ('loops', 'loop_share', '%'), ('len', 'length_mean', '.2f'), ('eot', 'eot_mass', '.3f')]
 
+
 def summary(m):
     """One line for the end of a run: the HF proportion (the corpus's too), the table's columns."""
     hf, corpus = fmt(m['hf_proportion'], '%'), fmt(m['corpus_hf_proportion'], '%')
     return f"metrics: high-frequency words {hf} (corpus {corpus})" + ''.join(
         f" | {name} {fmt(m.get(k), spec)}" for name, k, spec in COLUMNS[1:])
 
+
 def fmt(v, spec):
     """A number for a table: '-' for None or NaN."""
     return '-' if v is None or math.isnan(v) else format(v, '.1%' if spec == '%' else spec)
-
-# ----------------------------------------------------------------------------- the CLI
-# not settings: the seed (the cross-seed stats are over it), psu_lambda (the column), bookkeeping
-NOT_SETTINGS = ('seed', 'psu_lambda', 'out_dir', 'init_from', 'overwrite', 'device', 'compile')
-IN_LABEL = ('model', 'size', 'n_layer', 'n_embd', 'data')  # the settings every row label shows
-
-def read_log(path):
-    """The records of a run folder's log.jsonl ([] without one)."""
-    log = os.path.join(path, 'log.jsonl')
-    return [json.loads(line) for line in open(log) if line.strip()] if os.path.isfile(log) else []
-
-def read_report(d):
-    """A run folder's (config, metrics, stability verdict, last val_loss), else a one-line error."""
-    path = os.path.join(d, 'report.json')
-    try:
-        report = json.load(open(path))
-        c, m, stability = report['config'], report.get('metrics') or {}, report.get('stability', {})
-    except (OSError, ValueError, KeyError) as e:
-        why = f'{type(e).__name__}: {e}'
-        raise SystemExit(f"error: {path!r} is not a finished run's report ({why})")
-    val = [r['val_loss'] for r in read_log(d) if 'val_loss' in r] or [None]
-    return c, m, stability.get('verdict', '-'), val[-1]
-
-def collect_rows(run_dirs):
-    """-> (paper: row -> {lambda: the paper's value}, runs: sorted (row, lambda, metrics, verdict,
-    last val_loss)). A row: (model, seed, size, data, key=value for every other setting that differs
-    between the runs that have it, and for ABLATION's from its default): a setting at a seed."""
-    reports = [read_report(d) for d in run_dirs]
-    differ = [k for k in dict.fromkeys(k for c, *_ in reports for k in c) if k not in NOT_SETTINGS
-              and len({repr(c[k]) for c, *_ in reports if k in c}) > 1]
-    datas = {c.get('data', '?') for c, *_ in reports}  # by basename, if that tells them apart
-    full = len({os.path.basename(x) or x for x in datas}) < len(datas)
-    paper, runs = {}, []
-    for c, m, verdict, val in reports:
-        data, size = c.get('data', '?'), str(c.get('size', '?'))
-        changed = [f"{k}={c[k]}" for k, v in ABLATION.items() if k in c and c[k] != v]
-        changed += [f"{k}={c.get(k)}" for k in differ if k not in ABLATION and k not in IN_LABEL]
-        row = (c.get('model', '?'), c.get('seed'), f"{size}({c.get('n_layer')}x{c.get('n_embd')})",
-               data if full else os.path.basename(data) or data, ' '.join(changed))
-        scale = next((s for s in ('2B', '3B') if s.lower() in size), '1B')  # the paper's row
-        paper[row] = dict(zip(PAPER_LAMBDAS, PAPER.get((c.get('model'), c.get('seed'), scale), ())))
-        runs.append((row, float(c.get('psu_lambda', 0.0)), m, verdict, val))
-    rows = list(paper)  # by row, first seen first, then by lambda
-    return paper, sorted(runs, key=lambda run: (rows.index(run[0]), run[1]))
-
-def row_label(row):
-    """A row's name: its parts."""
-    return ' '.join(str(x) for x in row if x != '')
-
-def print_row(name, cols, width, col_width=10):
-    """A table line: the name in `width` characters, then each of cols in col_width."""
-    print((name.ljust(width) + ''.join(str(s).ljust(col_width) for s in cols)).rstrip())
-
-def print_table(paper, runs):
-    """Table 6.2 (ours / paper), the other metrics with the stability verdict, cross-seed stats."""
-    lams = sorted(set(PAPER_LAMBDAS) | {lam for _, lam, _, _, _ in runs})
-    width = max(len(row_label(row)) for row in paper) + 2
-    print("Table 6.2: high-frequency word proportion, ours / paper")
-    print_row('row', [f'lambda={lam:g}' for lam in lams], width, 18)
-    for row, values in paper.items():  # ours: the mean of the row's runs at each lambda
-        ours = [[m['hf_proportion'] for r, x, m, _, _ in runs if (r, x) == (row, lam)
-                 and m.get('hf_proportion') is not None] for lam in lams]
-        hf = [fmt(np.mean(o) if o else None, '%') for o in ours]
-        theirs = [fmt(values.get(lam, math.nan) / 100, '%') for lam in lams]
-        print_row(row_label(row), [f'{a} / {b}' for a, b in zip(hf, theirs)], width, 18)
-    corpus = sorted({fmt(m.get('corpus_hf_proportion'), '%') for _, _, m, _, _ in runs if m})
-    print("paper: its 1B row, or 2B/3B for sizes gpt2-2b/gpt2-3b. "
-          f"The corpus's own proportion: {', '.join(corpus) or '-'}")
-    print("\nOther metrics and the stability verdict; "
-          "last rows: the text metrics of each corpus cut like the samples")
-    print_row('row', ['lambda'] + [name for name, _, _ in COLUMNS] + ['val_loss', 'verdict'], width)
-    for row, lam, m, verdict, val in runs:
-        cols = [fmt(m.get(k), spec) for _, k, spec in COLUMNS]
-        print_row(row_label(row), [f'{lam:g}'] + cols + [fmt(val, '.4f'), verdict], width)
-    refs = {row[3]: m['corpus'] for row, _, m, _, _ in runs if m.get('corpus')}  # by data: the last
-    for data, ref in refs.items():
-        print_row(f'corpus {data}', [''] + [fmt(ref.get(k), spec) for _, k, spec in COLUMNS], width)
-    print_seeds(runs)
-
-def print_seeds(runs):
-    """Cross-seed mean ± std of the GPT rows that differ only in the seed."""
-    seeds = {}  # (the row less model and seed, lambda) -> {seed: metrics}
-    for row, lam, m, _, _ in runs:
-        if row[0] == 'gpt':
-            seeds.setdefault((row[2:], lam), {}).update({row[1]: m} if m else {})
-    seeds = {group: s for group, s in seeds.items() if len(s) > 1}
-    print("\nCross-seed mean ± std (GPT rows that differ only in the seed)"
-          + ('' if seeds else ': none'))
-    for (rest, lam), s in seeds.items():
-        stats = cross_seed(list(s.values()))
-        print(f"gpt {row_label(rest)} lambda={lam:g} seeds {sorted(s)}: " + ', '.join(
-            f"{name} {stats[k][0]:.4g}±{stats[k][1]:.2g}" for name, k, _ in COLUMNS if k in stats))
-
-def fig3(run_dirs, out='fig3.png', bins=12):
-    """Fig. 3: density of the logged (loss, 'entropy' else 'psu_entropy'): a hexbin PNG, or a text
-    table of counts without matplotlib."""
-    pts = [(r['loss'], r.get('entropy', r.get('psu_entropy')))
-           for d in run_dirs for r in read_log(d) if 'loss' in r]
-    pts = np.array([p for p in pts if p[1] is not None], dtype=np.float64).reshape(-1, 2)
-    if not len(pts):
-        raise SystemExit("error: no logged step has both 'loss' and 'entropy' (or 'psu_entropy') "
-                         f"in {', '.join(run_dirs)}")
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        counts, le, he = np.histogram2d(pts[:, 0], pts[:, 1], bins=bins)
-        print("fig. 3 (matplotlib not installed, text table): logged steps per (loss, entropy) "
-              f"bin, {len(pts)} steps")
-        print('entropy \\ loss ' + ''.join(f'{x:>7.3f}' for x in (le[:-1] + le[1:]) / 2))
-        for y, row in reversed(list(zip((he[:-1] + he[1:]) / 2, counts.T))):
-            print(f'{y:>15.3f}' + ''.join(f'{int(c):>7d}' if c else '      .' for c in row))
-        return
-    ax = Figure(figsize=(5, 4)).subplots()
-    hexes = ax.hexbin(pts[:, 0], pts[:, 1], gridsize=2 * bins, bins='log', mincnt=1)
-    ax.figure.colorbar(hexes, label='logged steps')
-    ax.set(xlabel='training loss (nats)', ylabel='predictive entropy (nats)',
-           title=f'loss-entropy, {len(pts)} steps')
-    ax.figure.savefig(out, dpi=120, bbox_inches='tight')
-    print(f"fig. 3: {len(pts)} logged steps of {len(run_dirs)} run(s) -> {out}")
-
-def main(argv):
-    """The CLI: the module docstring, which -h or --help prints; mistakes are one-line errors."""
-    if '-h' in argv or '--help' in argv:
-        print(__doc__.strip())
-        raise SystemExit(0)
-    flags = dict(a[2:].partition('=')[::2] for a in argv if a.startswith('--'))
-    dirs, text = [a for a in argv if not a.startswith('--')], 'corpus' in flags or 'text' in flags
-    valid = ('corpus', 'text', 'fraction', 'fig3', 'out', 'bins')
-    if unknown := [k for k in flags if k not in valid]:
-        raise SystemExit(f"error: unknown option --{unknown[0]} (--help: the options)")
-    try:
-        fraction, bins = float(flags.get('fraction', 0.25)), int(flags.get('bins', 12))
-        assert 0 < fraction <= 1 and bins >= 1
-    except (ValueError, AssertionError):
-        raise SystemExit("error: --fraction must be a number in (0, 1] and --bins an integer >= 1")
-    if (dirs or not flags.get('corpus') or not flags.get('text')) if text else not dirs:
-        raise SystemExit("error: usage: python metrics.py RUN_DIR... | --fig3 RUN_DIR... | "
-                         "--corpus=FILE --text=FILE (--help: more)")
-    if missing := [d for d in dirs if not os.path.isdir(d)]:
-        raise SystemExit(f"error: run folder {missing[0]!r} does not exist")
-    if text:
-        counts, ws = word_counts(read_text(flags['corpus'])), words(read_text(flags['text']))
-        hf = high_frequency_set(counts, fraction)
-        print(f"high-frequency word proportion: {high_frequency_proportion(ws, hf):.2%} of "
-              f"{len(ws):,} words (corpus: {high_frequency_proportion(counts, hf):.2%}; "
-              f"the {len(hf)} most frequent words, covering {fraction:g} of it)")
-    elif 'fig3' in flags:
-        fig3(dirs, flags.get('out') or 'fig3.png', bins)
-    else:
-        print_table(*collect_rows(dirs))
-
-if __name__ == '__main__':
-    main(sys.argv[1:])

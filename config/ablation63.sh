@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sec. 6.3 ablation at CPU scale, seed 2026: the full system (PSU + BAARA + DMU + DTU), without
 # DMU (dmu_p=1), without DTU (dtu_r=1), each at psu_lambda in {0, 0.05, 0.2}; then the table
-# (metrics.py) and, for "the baseline converges 24% faster than the DTU ablation" (lambda=0.2),
+# (tables.py) and, for "the baseline converges 24% faster than the DTU ablation" (lambda=0.2),
 # two step counts per run, read from log.jsonl (means over 5 logged steps):
 #   collapse: the first step at which the training-batch predictive entropy ('entropy') is below
 #             COLLAPSE nats (default 1.8: the synthetic corpus's true entropy rate; a model less
@@ -29,7 +29,7 @@ for lam in 0.0 0.05 0.2; do
   run no-dmu-l$lam --psu_lambda=$lam --dmu_p=1.0
   run no-dtu-l$lam --psu_lambda=$lam --dtu_r=1.0
 done
-python metrics.py "$out"/*
+python tables.py "$out"/*
 python - "$COLLAPSE" "$out"/*-l0.2 <<'PY'
 import json, sys
 

@@ -35,4 +35,4 @@ for channels in stats params; do
   run "synthetic/gpt-s2026-l0.2-$channels" --data=synthetic --model=gpt --seed=2026 --psu_lambda=0.2 --psu_channels=$channels
 done
 [ -f "$text" ] && table "$(basename "${text%.*}")" --data="$text" "$text_tok"
-python metrics.py "$out"/*/*
+python tables.py "$out"/*/*

@@ -1,4 +1,4 @@
-"""Tests of metrics.py: each metric on inputs whose answer is known, and the CLI on run folders."""
+"""Tests of metrics.py (each metric on inputs whose answer is known) and of tables.py on run folders."""
 import json
 import math
 import os
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import metrics
+import tables
 from conftest import ROOT, run
 from data import SyntheticCorpus, WordTokenizer
 from model import GPT, GPTConfig
@@ -140,7 +141,7 @@ def test_true_sampler_keeps_all_modes_constant_sampler_one(corpus):
 
 
 def test_cross_seed():
-    stats = metrics.cross_seed([{'a': 1.0, 'b': 2, 's': 'x'}, {'a': 3.0, 'b': 2, 's': 'y'}])
+    stats = tables.cross_seed([{'a': 1.0, 'b': 2, 's': 'x'}, {'a': 3.0, 'b': 2, 's': 'y'}])
     assert stats == {'a': (2.0, pytest.approx(math.sqrt(2))), 'b': (2.0, 0.0)}
 
 
@@ -218,7 +219,7 @@ def test_cli_table_on_run_folders(tmp_path, capsys):
     write_run(str(tmp_path / 'a'), 2026, 0.0, 0.2345)
     write_run(str(tmp_path / 'b'), 2027, 0.0, 0.3)
     write_run(str(tmp_path / 'c'), 2026, 0.05, 0.5, channels='stats')
-    metrics.main([real, str(tmp_path / 'a'), str(tmp_path / 'b'), str(tmp_path / 'c')])
+    tables.main([real, str(tmp_path / 'a'), str(tmp_path / 'b'), str(tmp_path / 'c')])
     out = capsys.readouterr().out
     assert f'{100 * ours:.1f}% / 100.0%' in out  # the real run: seed 2026, lambda 0.2
     assert '23.4% / 26.7%' in out and '- / 61.2%' in out and '30.0% / 26.3%' in out
@@ -238,7 +239,7 @@ def test_cli_rows_are_the_settings_that_differ(tmp_path, capsys):
     for name, seed, hf, tok in [('char', 2026, 0.234, 'char'), ('bpe', 2026, 0.27, 'gpt2'),
                                 ('compact', 2026, 0.061, 'gpt2-compact'), ('char2', 2027, 0.3, 'char')]:
         write_run(str(tmp_path / name), seed, 0.0, hf, tokenizer=tok, out_dir=name, device=name, **text)
-    metrics.main([str(tmp_path / name) for name in ('char', 'bpe', 'compact', 'char2')])
+    tables.main([str(tmp_path / name) for name in ('char', 'bpe', 'compact', 'char2')])
     out = capsys.readouterr().out
     table62 = out.split('\n\n')[0].splitlines()[2:-1]
     assert [line.split('  ')[0] for line in table62] == [
@@ -251,24 +252,24 @@ def test_cli_rows_are_the_settings_that_differ(tmp_path, capsys):
                      f"hf {hf.mean():.4g}±{hf.std(ddof=1):.2g}, H_pred 2±0, modes 3±0"]
     write_run(str(tmp_path / 'a' / 'input'), 2026, 0.0, 0.2, data='/a/input.txt')  # same basename: whole paths
     write_run(str(tmp_path / 'b' / 'input'), 2026, 0.0, 0.2, data='/b/input.txt')
-    metrics.main([str(tmp_path / 'a' / 'input'), str(tmp_path / 'b' / 'input')])
+    tables.main([str(tmp_path / 'a' / 'input'), str(tmp_path / 'b' / 'input')])
     rows = [line.split('  ')[0] for line in capsys.readouterr().out.splitlines()[2:4]]
     assert rows == ['gpt 2026 tiny(1x32) /a/input.txt', 'gpt 2026 tiny(1x32) /b/input.txt']
 
 
 def test_cli_help_prints_the_usage(capsys):
-    r = subprocess.run([sys.executable, 'metrics.py', '--help'], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout == metrics.__doc__.strip() + '\n' and not r.stderr
-    assert 'python metrics.py --fig3 RUN_DIR...' in r.stdout
+    r = subprocess.run([sys.executable, 'tables.py', '--help'], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == tables.__doc__.strip() + '\n' and not r.stderr
+    assert 'python tables.py --fig3 RUN_DIR...' in r.stdout
     with pytest.raises(SystemExit) as e:
-        metrics.main(['-h', 'anything'])
+        tables.main(['-h', 'anything'])
     assert e.value.code == 0 and capsys.readouterr().out == r.stdout
 
 
 def test_cli_fig3_and_hf_of_any_text(tmp_path, capsys):
     write_run(str(tmp_path / 'a'), 2026, 0.0, 0.25)
     png = str(tmp_path / 'f.png')
-    metrics.main(['--fig3', str(tmp_path / 'a'), f'--out={png}', '--bins=4'])
+    tables.main(['--fig3', str(tmp_path / 'a'), f'--out={png}', '--bins=4'])
     out = capsys.readouterr().out
     try:
         import matplotlib  # noqa: F401
@@ -277,11 +278,11 @@ def test_cli_fig3_and_hf_of_any_text(tmp_path, capsys):
         assert 'text table' in out and '30 steps' in out
     (tmp_path / 'corpus.txt').write_text('the the the cat dog\n')
     (tmp_path / 'text.txt').write_text('The cat.')
-    metrics.main([f'--corpus={tmp_path}/corpus.txt', f'--text={tmp_path}/text.txt'])
+    tables.main([f'--corpus={tmp_path}/corpus.txt', f'--text={tmp_path}/text.txt'])
     assert '50.00% of 2 words (corpus: 60.00%' in capsys.readouterr().out
     for bad in (['--bogus'], [f'--corpus={tmp_path}/corpus.txt'], [], [str(tmp_path / 'missing')],
                 ['--fraction=2', f'--corpus={tmp_path}/corpus.txt', f'--text={tmp_path}/text.txt'],
                 [str(tmp_path)], ['--fig3', str(tmp_path / 'nowhere')]):
         with pytest.raises(SystemExit) as e:
-            metrics.main(bad)
+            tables.main(bad)
         assert str(e.value).startswith('error:') and '\n' not in str(e.value)

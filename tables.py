@@ -1,0 +1,198 @@
+"""Tables and figures across run folders, from the report.json and log.jsonl each run leaves:
+
+    python tables.py RUN_DIR...                  # Table 6.2 (ours / paper), other metrics, seeds
+    python tables.py --fig3 RUN_DIR... [--out=fig3.png] [--bins=12]  # Fig. 3, loss-entropy density
+    python tables.py --corpus=FILE --text=FILE [--fraction=0.25]     # HF proportion of any text
+
+A row is a setting at a seed: runs that differ in any setting but lambda (not in out_dir, device,
+...) get rows of their own. The metrics themselves are metrics.py's; this file only reads and prints.
+"""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+from data import count_words as word_counts, read_text
+from metrics import COLUMNS, fmt, high_frequency_proportion, high_frequency_set, words
+
+
+PAPER_LAMBDAS = (0.0, 0.05, 0.2)  # PAPER: Table 6.2's high-frequency word proportion (%) at these
+PAPER = {('gpt', 2025, '1B'): (27.5, 67.8, 100.0), ('gpt', 2026, '1B'): (26.7, 61.2, 100.0),
+         ('gpt', 2027, '1B'): (26.3, 68.3, 100.0), ('bert', 2026, '1B'): (23.5, 56.3, 100.0),
+         ('gpt', 2026, '2B'): (24.2, 58.2, 100.0), ('gpt', 2026, '3B'): (21.9, 56.1, 100.0)}
+# the default of each ablation setting: a row label names the settings a run changed
+ABLATION = {'psu_channels': 'both', 'dmu_p': 1.0, 'dtu_r': 1.0, 'baara': False}
+
+
+def cross_seed(reports):
+    """{metric: (mean, std: ddof=1, 0 for one)} of the numbers all metric dicts (seeds) have."""
+    number = (int, float)
+    keys = [k for k, v in reports[0].items() if isinstance(v, number) and not isinstance(v, bool)
+            and all(isinstance(r.get(k), number) for r in reports)]
+    arr = {k: np.array([r[k] for r in reports], dtype=np.float64) for k in keys}
+    return {k: (float(a.mean()), float(a.std(ddof=1) if len(a) > 1 else 0)) for k, a in arr.items()}
+
+
+# not settings: the seed (the cross-seed stats are over it), psu_lambda (the column), bookkeeping
+NOT_SETTINGS = ('seed', 'psu_lambda', 'out_dir', 'init_from', 'overwrite', 'device', 'compile')
+IN_LABEL = ('model', 'size', 'n_layer', 'n_embd', 'data')  # the settings every row label shows
+
+
+def read_log(path):
+    """The records of a run folder's log.jsonl ([] without one)."""
+    log = os.path.join(path, 'log.jsonl')
+    return [json.loads(line) for line in open(log) if line.strip()] if os.path.isfile(log) else []
+
+
+def read_report(d):
+    """A run folder's (config, metrics, stability verdict, last val_loss), else a one-line error."""
+    path = os.path.join(d, 'report.json')
+    try:
+        report = json.load(open(path))
+        c, m, stability = report['config'], report.get('metrics') or {}, report.get('stability', {})
+    except (OSError, ValueError, KeyError) as e:
+        why = f'{type(e).__name__}: {e}'
+        raise SystemExit(f"error: {path!r} is not a finished run's report ({why})")
+    val = [r['val_loss'] for r in read_log(d) if 'val_loss' in r] or [None]
+    return c, m, stability.get('verdict', '-'), val[-1]
+
+
+def collect_rows(run_dirs):
+    """-> (paper: row -> {lambda: the paper's value}, runs: sorted (row, lambda, metrics, verdict,
+    last val_loss)). A row: (model, seed, size, data, key=value for every other setting that differs
+    between the runs that have it, and for ABLATION's from its default): a setting at a seed."""
+    reports = [read_report(d) for d in run_dirs]
+    differ = [k for k in dict.fromkeys(k for c, *_ in reports for k in c) if k not in NOT_SETTINGS
+              and len({repr(c[k]) for c, *_ in reports if k in c}) > 1]
+    datas = {c.get('data', '?') for c, *_ in reports}  # by basename, if that tells them apart
+    full = len({os.path.basename(x) or x for x in datas}) < len(datas)
+    paper, runs = {}, []
+    for c, m, verdict, val in reports:
+        data, size = c.get('data', '?'), str(c.get('size', '?'))
+        changed = [f"{k}={c[k]}" for k, v in ABLATION.items() if k in c and c[k] != v]
+        changed += [f"{k}={c.get(k)}" for k in differ if k not in ABLATION and k not in IN_LABEL]
+        row = (c.get('model', '?'), c.get('seed'), f"{size}({c.get('n_layer')}x{c.get('n_embd')})",
+               data if full else os.path.basename(data) or data, ' '.join(changed))
+        scale = next((s for s in ('2B', '3B') if s.lower() in size), '1B')  # the paper's row
+        paper[row] = dict(zip(PAPER_LAMBDAS, PAPER.get((c.get('model'), c.get('seed'), scale), ())))
+        runs.append((row, float(c.get('psu_lambda', 0.0)), m, verdict, val))
+    rows = list(paper)  # by row, first seen first, then by lambda
+    return paper, sorted(runs, key=lambda run: (rows.index(run[0]), run[1]))
+
+
+def row_label(row):
+    """A row's name: its parts."""
+    return ' '.join(str(x) for x in row if x != '')
+
+
+def print_row(name, cols, width, col_width=10):
+    """A table line: the name in `width` characters, then each of cols in col_width."""
+    print((name.ljust(width) + ''.join(str(s).ljust(col_width) for s in cols)).rstrip())
+
+
+def print_table(paper, runs):
+    """Table 6.2 (ours / paper), the other metrics with the stability verdict, cross-seed stats."""
+    lams = sorted(set(PAPER_LAMBDAS) | {lam for _, lam, _, _, _ in runs})
+    width = max(len(row_label(row)) for row in paper) + 2
+    print("Table 6.2: high-frequency word proportion, ours / paper")
+    print_row('row', [f'lambda={lam:g}' for lam in lams], width, 18)
+    for row, values in paper.items():  # ours: the mean of the row's runs at each lambda
+        ours = [[m['hf_proportion'] for r, x, m, _, _ in runs if (r, x) == (row, lam)
+                 and m.get('hf_proportion') is not None] for lam in lams]
+        hf = [fmt(np.mean(o) if o else None, '%') for o in ours]
+        theirs = [fmt(values.get(lam, math.nan) / 100, '%') for lam in lams]
+        print_row(row_label(row), [f'{a} / {b}' for a, b in zip(hf, theirs)], width, 18)
+    corpus = sorted({fmt(m.get('corpus_hf_proportion'), '%') for _, _, m, _, _ in runs if m})
+    print("paper: its 1B row, or 2B/3B for sizes gpt2-2b/gpt2-3b. "
+          f"The corpus's own proportion: {', '.join(corpus) or '-'}")
+    print("\nOther metrics and the stability verdict; "
+          "last rows: the text metrics of each corpus cut like the samples")
+    print_row('row', ['lambda'] + [name for name, _, _ in COLUMNS] + ['val_loss', 'verdict'], width)
+    for row, lam, m, verdict, val in runs:
+        cols = [fmt(m.get(k), spec) for _, k, spec in COLUMNS]
+        print_row(row_label(row), [f'{lam:g}'] + cols + [fmt(val, '.4f'), verdict], width)
+    refs = {row[3]: m['corpus'] for row, _, m, _, _ in runs if m.get('corpus')}  # by data: the last
+    for data, ref in refs.items():
+        print_row(f'corpus {data}', [''] + [fmt(ref.get(k), spec) for _, k, spec in COLUMNS], width)
+    print_seeds(runs)
+
+
+def print_seeds(runs):
+    """Cross-seed mean ± std of the GPT rows that differ only in the seed."""
+    seeds = {}  # (the row less model and seed, lambda) -> {seed: metrics}
+    for row, lam, m, _, _ in runs:
+        if row[0] == 'gpt':
+            seeds.setdefault((row[2:], lam), {}).update({row[1]: m} if m else {})
+    seeds = {group: s for group, s in seeds.items() if len(s) > 1}
+    print("\nCross-seed mean ± std (GPT rows that differ only in the seed)"
+          + ('' if seeds else ': none'))
+    for (rest, lam), s in seeds.items():
+        stats = cross_seed(list(s.values()))
+        print(f"gpt {row_label(rest)} lambda={lam:g} seeds {sorted(s)}: " + ', '.join(
+            f"{name} {stats[k][0]:.4g}±{stats[k][1]:.2g}" for name, k, _ in COLUMNS if k in stats))
+
+
+def fig3(run_dirs, out='fig3.png', bins=12):
+    """Fig. 3: density of the logged (loss, 'entropy' else 'psu_entropy'): a hexbin PNG, or a text
+    table of counts without matplotlib."""
+    pts = [(r['loss'], r.get('entropy', r.get('psu_entropy')))
+           for d in run_dirs for r in read_log(d) if 'loss' in r]
+    pts = np.array([p for p in pts if p[1] is not None], dtype=np.float64).reshape(-1, 2)
+    if not len(pts):
+        raise SystemExit("error: no logged step has both 'loss' and 'entropy' (or 'psu_entropy') "
+                         f"in {', '.join(run_dirs)}")
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        counts, le, he = np.histogram2d(pts[:, 0], pts[:, 1], bins=bins)
+        print("fig. 3 (matplotlib not installed, text table): logged steps per (loss, entropy) "
+              f"bin, {len(pts)} steps")
+        print('entropy \\ loss ' + ''.join(f'{x:>7.3f}' for x in (le[:-1] + le[1:]) / 2))
+        for y, row in reversed(list(zip((he[:-1] + he[1:]) / 2, counts.T))):
+            print(f'{y:>15.3f}' + ''.join(f'{int(c):>7d}' if c else '      .' for c in row))
+        return
+    ax = Figure(figsize=(5, 4)).subplots()
+    hexes = ax.hexbin(pts[:, 0], pts[:, 1], gridsize=2 * bins, bins='log', mincnt=1)
+    ax.figure.colorbar(hexes, label='logged steps')
+    ax.set(xlabel='training loss (nats)', ylabel='predictive entropy (nats)',
+           title=f'loss-entropy, {len(pts)} steps')
+    ax.figure.savefig(out, dpi=120, bbox_inches='tight')
+    print(f"fig. 3: {len(pts)} logged steps of {len(run_dirs)} run(s) -> {out}")
+
+
+def main(argv):
+    """The CLI: the module docstring, which -h or --help prints; mistakes are one-line errors."""
+    if '-h' in argv or '--help' in argv:
+        print(__doc__.strip())
+        raise SystemExit(0)
+    flags = dict(a[2:].partition('=')[::2] for a in argv if a.startswith('--'))
+    dirs, text = [a for a in argv if not a.startswith('--')], 'corpus' in flags or 'text' in flags
+    valid = ('corpus', 'text', 'fraction', 'fig3', 'out', 'bins')
+    if unknown := [k for k in flags if k not in valid]:
+        raise SystemExit(f"error: unknown option --{unknown[0]} (--help: the options)")
+    try:
+        fraction, bins = float(flags.get('fraction', 0.25)), int(flags.get('bins', 12))
+        assert 0 < fraction <= 1 and bins >= 1
+    except (ValueError, AssertionError):
+        raise SystemExit("error: --fraction must be a number in (0, 1] and --bins an integer >= 1")
+    if (dirs or not flags.get('corpus') or not flags.get('text')) if text else not dirs:
+        raise SystemExit("error: usage: python tables.py RUN_DIR... | --fig3 RUN_DIR... | "
+                         "--corpus=FILE --text=FILE (--help: more)")
+    if missing := [d for d in dirs if not os.path.isdir(d)]:
+        raise SystemExit(f"error: run folder {missing[0]!r} does not exist")
+    if text:
+        counts, ws = word_counts(read_text(flags['corpus'])), words(read_text(flags['text']))
+        hf = high_frequency_set(counts, fraction)
+        print(f"high-frequency word proportion: {high_frequency_proportion(ws, hf):.2%} of "
+              f"{len(ws):,} words (corpus: {high_frequency_proportion(counts, hf):.2%}; "
+              f"the {len(hf)} most frequent words, covering {fraction:g} of it)")
+    elif 'fig3' in flags:
+        fig3(dirs, flags.get('out') or 'fig3.png', bins)
+    else:
+        print_table(*collect_rows(dirs))
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
