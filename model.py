@@ -193,7 +193,7 @@ class GPT(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """GPT-2's init. Also re-run by train.py on FSDP's local shards (DTensors) after a
+        """GPT-2's init. Also re-run by distributed.build_fsdp on FSDP's local shards (DTensors) after a
         meta-device build, so that no rank ever holds the whole model."""
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():  # GPT-2's scaled init of residual projections
