@@ -143,7 +143,8 @@ class Diagnostics:
     norm of the latest logged step (measuring it needs a parameter copy, so train.py takes it every
     log_interval steps only: an eval right after a logged step repeats its update norm). verdict() judges
     the last half of the records (at least 4 are needed): the run is "stable" when
-      (1) bounded: the largest parameter norm in the last half is at most 1.1 x the first one;
+      (1) bounded: the largest parameter norm in the last half is at most 1.1 x the first one
+          (param_norm_growth: that ratio);
       (2) vanishing gradients: the gradient-norm trend (least-squares slope of log ||g|| per
           record) over the last half is <= 0;
       (3) vanishing updates: the same for log ||theta_t - theta_{t-1}||.
@@ -167,11 +168,12 @@ class Diagnostics:
         if len(tail) < 2 or len(self.records) < 4:
             return {'verdict': 'undetermined', 'reason': f'{len(self.records)} evals, need 4'}
         norms = [r['param_norm'] for r in tail]
-        bounded = max(norms) <= 1.1 * norms[0]
+        growth = max(norms) / norms[0]
+        bounded = growth <= 1.1
         grad_slope = slope([math.log(max(r['grad_norm'], 1e-30)) for r in tail])
         update_slope = slope([math.log(max(r['update_norm'], 1e-30)) for r in tail])
         stable = bounded and grad_slope <= 0 and update_slope <= 0
-        return {'verdict': 'stable' if stable else 'not stable', 'param_norm_bounded': bounded,
+        return {'verdict': 'stable' if stable else 'not stable', 'param_norm_bounded': bounded, 'param_norm_growth': growth,
                 'grad_norm_slope': grad_slope, 'update_norm_slope': update_slope,
                 'loss_roughness': tail[-1]['loss_roughness']}
 

@@ -131,6 +131,7 @@ def diagnostics(param_norm, grad_norm, update_norm):
 def test_verdict_stable_when_all_three_conditions_hold():
     v = diagnostics(**STABLE).verdict()
     assert v['verdict'] == 'stable' and v['param_norm_bounded'] is True
+    assert v['param_norm_growth'] == pytest.approx(10.07 / 10.04)  # the largest norm of evals 4..7 over eval 4's
     # judged on the last half, evals 4..7: least-squares slopes of log ||g|| and log ||update||
     assert v['grad_norm_slope'] == pytest.approx(slope([-math.log(i + 1) for i in range(4, 8)]))
     assert v['update_norm_slope'] == pytest.approx(slope([math.log(0.5 / (i + 1)) for i in range(4, 8)]))
@@ -145,6 +146,7 @@ def test_verdict_not_stable_when_any_one_condition_fails(condition):
     v = diagnostics(**{**STABLE, condition: BROKEN[condition]}).verdict()
     assert v['verdict'] == 'not stable'
     assert v['param_norm_bounded'] == (condition != 'param_norm')
+    assert v['param_norm_growth'] == pytest.approx(1.2 ** 3 if condition == 'param_norm' else 10.07 / 10.04)
     assert (v['grad_norm_slope'] > 0) == (condition == 'grad_norm')
     assert (v['update_norm_slope'] > 0) == (condition == 'update_norm')
 

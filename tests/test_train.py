@@ -75,7 +75,7 @@ def test_artifacts(gpt_run):
     logged = Diagnostics()
     logged.load_state_dict({'records': [{k: r[k] for k in RECORD} for r in ev]})
     assert report['stability'] == logged.verdict()
-    assert set(report['stability']) == {'verdict', 'param_norm_bounded', 'grad_norm_slope',
+    assert set(report['stability']) == {'verdict', 'param_norm_bounded', 'param_norm_growth', 'grad_norm_slope',
                                         'update_norm_slope', 'loss_roughness'}
     assert report['stability']['verdict'] in ('stable', 'not stable')
     # the logged ||theta|| is the final weights' norm (the tied embedding counted once)
