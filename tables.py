@@ -2,6 +2,8 @@
 
     python tables.py RUN_DIR...                  # Table 6.2 (ours / paper), other metrics, seeds
     python tables.py --fig3 RUN_DIR... [--out=fig3.png] [--bins=12]  # Fig. 3, loss-entropy density
+    python tables.py --theorem55 RUN_DIR...     # Thm 5.5: exact KLs, mass on the empirical support
+    python tables.py --map RUN_DIR... [--out=stability_map.png]  # Def. 3.1 stability vs quality
     python tables.py --corpus=FILE --text=FILE [--fraction=0.25]     # HF proportion of any text
 
 A row is a setting at a seed: runs that differ in any setting but lambda (not in out_dir, device,
@@ -47,7 +49,7 @@ def read_log(path):
 
 
 def read_report(d):
-    """A run folder's (config, metrics, stability verdict, last val_loss), else a one-line error."""
+    """A run folder's (config, metrics, Def. 3.1's verdict dict, last val_loss), else a one-line error."""
     path = os.path.join(d, 'report.json')
     try:
         report = json.load(open(path))
@@ -56,7 +58,7 @@ def read_report(d):
         why = f'{type(e).__name__}: {e}'
         raise SystemExit(f"error: {path!r} is not a finished run's report ({why})")
     val = [r['val_loss'] for r in read_log(d) if 'val_loss' in r] or [None]
-    return c, m, stability.get('verdict', '-'), val[-1]
+    return c, m, stability, val[-1]
 
 
 def collect_rows(run_dirs):
@@ -69,7 +71,7 @@ def collect_rows(run_dirs):
     datas = {c.get('data', '?') for c, *_ in reports}  # by basename, if that tells them apart
     full = len({os.path.basename(x) or x for x in datas}) < len(datas)
     paper, runs = {}, []
-    for c, m, verdict, val in reports:
+    for c, m, stability, val in reports:
         data, size = c.get('data', '?'), str(c.get('size', '?'))
         changed = [f"{k}={c[k]}" for k, v in ABLATION.items() if k in c and c[k] != v]
         changed += [f"{k}={c.get(k)}" for k in differ if k not in ABLATION and k not in IN_LABEL]
@@ -77,7 +79,7 @@ def collect_rows(run_dirs):
                data if full else os.path.basename(data) or data, ' '.join(changed))
         scale = next((s for s in ('2B', '3B') if s.lower() in size), '1B')  # the paper's row
         paper[row] = dict(zip(PAPER_LAMBDAS, PAPER.get((c.get('model'), c.get('seed'), scale), ())))
-        runs.append((row, float(c.get('psu_lambda', 0.0)), m, verdict, val))
+        runs.append((row, float(c.get('psu_lambda', 0.0)), m, stability.get('verdict', '-'), val))
     rows = list(paper)  # by row, first seen first, then by lambda
     return paper, sorted(runs, key=lambda run: (rows.index(run[0]), run[1]))
 
@@ -162,6 +164,94 @@ def fig3(run_dirs, out='fig3.png', bins=12):
     print(f"fig. 3: {len(pts)} logged steps of {len(run_dirs)} run(s) -> {out}")
 
 
+# ----------------------------------------------------------------------------- Thm 5.5 and stability vs quality
+# the Theorem 5.5 table's columns: (name, metric, format), after size, lambda, channel, steps, val_loss
+THEOREM_COLUMNS = [('fwd_KL', 'forward_kl', '.3f'), ('rev_KL|S', 'reverse_kl', '.3f'),
+                   ('off_supp', 'off_support', '%'), ('H_model', 'model_entropy', '.3f'),
+                   ('train', 'train_share', '%'), ('true_mass', 'train_true_mass', '%'),
+                   ('excess', 'excess', '%'), ('modes', 'n_modes', ''), ('hf', 'hf_proportion', '%')]
+# the map: Def. 3.1's components (x) against the quality measures (y)
+STABILITY = [('param_norm_growth', 'parameter-norm growth (cond. 1)'),
+             ('grad_norm_slope', 'gradient-norm trend (cond. 2)'),
+             ('update_norm_slope', 'update-norm trend (cond. 3)')]
+QUALITY = [('forward_kl', 'forward KL (nats/token)'), ('off_support', 'off-support share'),
+           ('excess', 'excess concentration')]
+
+
+def theorem_rows(run_dirs):
+    """One dict per run: its folder, the settings the table shows, its metrics with excess =
+    train_share - train_true_mass (Thm 5.5's excess concentration on the empirical support), its
+    Def. 3.1 verdict and components, the last val_loss. The other settings that differ between the
+    runs (a classical stabiliser, say) are in 'other'."""
+    reports = [read_report(d) for d in run_dirs]
+    shown = ('n_sentences', 'psu_lambda', 'psu_channels', 'max_iters', 'lr_decay_iters')
+    differ = [k for k in dict.fromkeys(k for c, *_ in reports for k in c) if k not in NOT_SETTINGS + shown
+              and len({repr(c[k]) for c, *_ in reports if k in c}) > 1]
+    rows = []
+    for d, (c, m, stability, val) in zip(run_dirs, reports):
+        excess = m['train_share'] - m['train_true_mass'] if m.get('train_share') is not None else None
+        lam = float(c.get('psu_lambda', 0.0))
+        rows.append(dict(run=d, size=c.get('n_sentences'), lam=lam, steps=c.get('max_iters'),
+                         channel=c.get('psu_channels') if lam > 0 else '-', val_loss=val,
+                         other=' '.join(f"{k}={c.get(k)}" for k in differ),
+                         metrics={**m, 'excess': excess}, stability=stability))
+    return sorted(rows, key=lambda r: (r['size'] or 0, r['other'], r['steps'] or 0, r['lam'], r['channel']))
+
+
+def print_theorem55(rows):
+    """The Theorem 5.5 table: one line per run, the exact distribution metrics beside the proxies."""
+    print("Theorem 5.5, measured: KLs in nats/token; train = generated sentences found verbatim in the "
+          "training split, true_mass = the truth's mass on that set, excess = train - true_mass")
+    head = ['size', 'lambda', 'channel', 'steps', 'val_loss'] + [name for name, _, _ in THEOREM_COLUMNS]
+    print_row('', head + ['verdict', 'other'], 0)
+    for r in rows:
+        m = r['metrics']
+        cols = [fmt(m.get(k), spec) for _, k, spec in THEOREM_COLUMNS]
+        print_row('', [r['size'], f"{r['lam']:g}", r['channel'], r['steps'], fmt(r['val_loss'], '.3f')] + cols
+                  + [r['stability'].get('verdict', '-'), r['other']], 0)
+
+
+def stability_map(rows, out='stability_map.png'):
+    """Stability vs quality: each run's Def. 3.1 components (x) against each quality measure (y),
+    a 3 x 3 grid of scatter plots (PNG), or without matplotlib a text table with Spearman's rank
+    correlation of each pair. Runs without the distribution metrics (not synthetic) are left out."""
+    rows = [r for r in rows if r['metrics'].get('forward_kl') is not None and 'grad_norm_slope' in r['stability']]
+    if len(rows) < 2:
+        raise SystemExit("error: the map needs at least 2 finished synthetic runs with forward_kl in report.json")
+    xs = {k: np.array([r['stability'][k] for r in rows], dtype=np.float64) for k, _ in STABILITY}
+    ys = {k: np.array([r['metrics'][k] for r in rows], dtype=np.float64) for k, _ in QUALITY}
+    stable = np.array([r['stability']['verdict'] == 'stable' for r in rows])
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print(f"stability vs quality (matplotlib not installed, text): Spearman rank correlation over {len(rows)} runs")
+        print_row('', [''] + [name for _, name in QUALITY], 0, 34)
+        for kx, name in STABILITY:
+            print_row('', [name] + [f'{spearman(xs[kx], ys[ky]):+.2f}' for ky, _ in QUALITY], 0, 34)
+        return
+    axes = Figure(figsize=(11, 9)).subplots(3, 3, sharex='col', sharey='row')
+    for i, (ky, ylabel) in enumerate(QUALITY):
+        for j, (kx, xlabel) in enumerate(STABILITY):
+            ax = axes[i, j]
+            for mask, style in ((stable, dict(marker='o', label='stable (Def. 3.1)')),
+                                (~stable, dict(marker='x', label='not stable'))):
+                ax.scatter(xs[kx][mask], ys[ky][mask], **style)
+            ax.set_title(f'rank corr. {spearman(xs[kx], ys[ky]):+.2f}', fontsize=9)
+            ax.set(xlabel=xlabel if i == 2 else None, ylabel=ylabel if j == 0 else None)
+    axes[0, 0].legend(fontsize=8)
+    axes[0, 0].figure.suptitle(f'Def. 3.1 stability (x) vs generative quality (y), {len(rows)} runs')
+    axes[0, 0].figure.savefig(out, dpi=110, bbox_inches='tight')
+    print(f"stability map: {len(rows)} runs -> {out}")
+
+
+def spearman(a, b):
+    """Spearman's rank correlation (ties ranked by order; nan when either side is constant)."""
+    ra, rb = (np.argsort(np.argsort(v)).astype(np.float64) for v in (a, b))
+    if ra.std() == 0 or rb.std() == 0:
+        return math.nan
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
 def main(argv):
     """The CLI: the module docstring, which -h or --help prints; mistakes are one-line errors."""
     if '-h' in argv or '--help' in argv:
@@ -169,7 +259,7 @@ def main(argv):
         raise SystemExit(0)
     flags = dict(a[2:].partition('=')[::2] for a in argv if a.startswith('--'))
     dirs, text = [a for a in argv if not a.startswith('--')], 'corpus' in flags or 'text' in flags
-    valid = ('corpus', 'text', 'fraction', 'fig3', 'out', 'bins')
+    valid = ('corpus', 'text', 'fraction', 'fig3', 'out', 'bins', 'theorem55', 'map')
     if unknown := [k for k in flags if k not in valid]:
         raise SystemExit(f"error: unknown option --{unknown[0]} (--help: the options)")
     try:
@@ -178,7 +268,7 @@ def main(argv):
     except (ValueError, AssertionError):
         raise SystemExit("error: --fraction must be a number in (0, 1] and --bins an integer >= 1")
     if (dirs or not flags.get('corpus') or not flags.get('text')) if text else not dirs:
-        raise SystemExit("error: usage: python tables.py RUN_DIR... | --fig3 RUN_DIR... | "
+        raise SystemExit("error: usage: python tables.py [--fig3 | --theorem55 | --map] RUN_DIR... | "
                          "--corpus=FILE --text=FILE (--help: more)")
     if missing := [d for d in dirs if not os.path.isdir(d)]:
         raise SystemExit(f"error: run folder {missing[0]!r} does not exist")
@@ -190,6 +280,10 @@ def main(argv):
               f"the {len(hf)} most frequent words, covering {fraction:g} of it)")
     elif 'fig3' in flags:
         fig3(dirs, flags.get('out') or 'fig3.png', bins)
+    elif 'theorem55' in flags:
+        print_theorem55(theorem_rows(dirs))
+    elif 'map' in flags:
+        stability_map(theorem_rows(dirs), flags.get('out') or 'stability_map.png')
     else:
         print_table(*collect_rows(dirs))
 

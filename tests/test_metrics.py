@@ -286,3 +286,42 @@ def test_cli_fig3_and_hf_of_any_text(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             tables.main(bad)
         assert str(e.value).startswith('error:') and '\n' not in str(e.value)
+
+
+def write_theorem_run(path, n, lam, fwd, train, mass, growth, verdict='stable', **more):
+    write_run(path, 2026, lam, 0.3, n_sentences=n, max_iters=600, **more)
+    report = json.load(open(f'{path}/report.json'))
+    report['metrics'].update(forward_kl=fwd, reverse_kl=0.5, off_support=fwd / 10, model_entropy=3.0,
+                             train_share=train, train_true_mass=mass)
+    report['stability'] = dict(verdict=verdict, param_norm_growth=growth, grad_norm_slope=-growth,
+                               update_norm_slope=growth - 1)
+    json.dump(report, open(f'{path}/report.json', 'w'))
+
+
+def test_cli_theorem55_table_and_stability_map(tmp_path, capsys):
+    """--theorem55: a line per run, sorted by size then lambda, excess = train share - true mass;
+    --map (text without matplotlib): Spearman's rank correlation of each Def. 3.1 component with
+    each quality measure over the runs."""
+    runs = [('b', 20000, 0.0, 0.2, 0.25, 0.05, 1.0), ('a', 2000, 0.05, 0.9, 0.60, 0.002, 1.2),
+            ('c', 2000, 0.0, 0.1, 0.70, 0.002, 1.1), ('d', 20000, 0.2, 0.5, 0.01, 0.05, 1.3)]
+    for name, n, lam, fwd, train, mass, growth in runs:
+        write_theorem_run(str(tmp_path / name), n, lam, fwd, train, mass, growth, verdict='stable' if lam == 0 else 'not stable')
+    dirs = [str(tmp_path / name) for name, *_ in runs]
+    tables.main(['--theorem55'] + dirs)
+    lines = capsys.readouterr().out.splitlines()[2:]
+    assert [line.split()[:3] for line in lines] == [['2000', '0', '-'], ['2000', '0.05', 'both'],
+                                                    ['20000', '0', '-'], ['20000', '0.2', 'both']]
+    assert lines[0].split()[5:12] == ['0.100', '0.500', '1.0%', '3.000', '70.0%', '0.2%', '69.8%']
+    assert lines[0].split()[-2:] == ['30.0%', 'stable'] and lines[3].split()[-3:] == ['30.0%', 'not', 'stable']
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        tables.main(['--map'] + dirs)
+        out = capsys.readouterr().out
+        rows = {line[:34].strip(): line[34:].split() for line in out.splitlines()[2:]}
+        # growth 1.0, 1.2, 1.1, 1.3 against forward KL 0.2, 0.9, 0.1, 0.5: ranks 0 2 1 3 vs 1 3 0 2
+        assert rows['parameter-norm growth (cond. 1)'][0] == f"{np.corrcoef([0, 2, 1, 3], [1, 3, 0, 2])[0, 1]:+.2f}"
+        assert rows['gradient-norm trend (cond. 2)'][0] == f"{np.corrcoef([3, 1, 2, 0], [1, 3, 0, 2])[0, 1]:+.2f}"
+    with pytest.raises(SystemExit) as e:
+        tables.main(['--map', dirs[0]])
+    assert str(e.value).startswith('error: the map needs at least 2')
