@@ -31,11 +31,11 @@ import train
 from baara import BAARA, REF_EVERY
 from configurator import DEVICE, parse_flags, validate
 from data import load_data, prepare
-from metrics import high_frequency_set, text_metrics
+from metrics import distribution_metrics, high_frequency_set, text_metrics
 from model import GPT, MLP, GPTConfig, peak_flops
 from stabilize import PSU
 
-BENCH = dict(steps=25, warmup=3, seed=1337, metrics_words=1_000_000,
+BENCH = dict(steps=25, warmup=3, seed=1337, metrics_words=1_000_000, distribution_n=5000,
              prepare_mb=10.0,  # MB of text for the data.prepare line
              threads=0,  # torch CPU threads; 0 = torch's default. On a shared machine 1 gives steadier ratios
              device='cuda' if torch.cuda.is_available() else 'cpu',
@@ -171,6 +171,14 @@ def metrics_time(corpus, corpus_text, n_words):
     return f"{dt:.2f} s for {out['n_words'] / 1e6:.2f}M words in {len(texts):,} samples ({out['n_words'] / dt / 1e3:,.0f}k words/s)"
 
 
+def distribution_time(model, tok, corpus, ids, val_ids, b):
+    """Seconds of metrics.distribution_metrics (n sentences from the corpus and n sampled, scored, the training
+    split's distinct sentences) for the tiny model at fresh weights: every sampled sentence runs to the cap."""
+    t0 = time.perf_counter()
+    out = distribution_metrics(model, tok, corpus, ids, val_ids, n=b['distribution_n'], device=b['device'], seed=b['seed'])
+    return f"{time.perf_counter() - t0:.2f} s (forward KL {out['forward_kl']:.2f}, {out['n_distribution_samples']:,} samples)"
+
+
 def bins_data(corpus_text, folder, chars=2_000_000):
     """(ids, tokenizer) twice, for the same training tokens: in memory (load_data of a text file, int32) and
     memory-mapped from bins that data.prepare made of that file (uint16). The file is the synthetic corpus's
@@ -231,7 +239,8 @@ def gpu_rows(b, pair, size=GPT2, label='GPT-2 124M', vocab=50304):
 
 
 def main(argv):
-    rules = dict(steps='>= 1', warmup='>= 0', seed='>= 0', metrics_words='>= 1', prepare_mb='> 0', threads='>= 0',
+    rules = dict(steps='>= 1', warmup='>= 0', seed='>= 0', metrics_words='>= 1', distribution_n='>= 2', prepare_mb='> 0',
+                 threads='>= 0',
                  device=DEVICE, dtype='float32 | bfloat16')  # configurator.py's rules, as train.py's
     b, _ = parse_flags(BENCH, argv, rules)
     validate(b, rules)
@@ -240,7 +249,7 @@ def main(argv):
     if b['device'].startswith('cuda:'):
         torch.cuda.set_device(b['device'])  # the current GPU: what sync() waits for and machine() names
     print(machine(b))
-    ids, _, tok, corpus_text, corpus = load_data('synthetic', 'word')
+    ids, val_ids, tok, corpus_text, corpus = load_data('synthetic', 'word')
     data = (ids, tok)
     d = train.DEFAULTS
     tiny = f"tiny model ({d['n_layer']}x{d['n_embd']}, {d['batch_size']}x{d['block_size']} tokens)"
@@ -277,6 +286,8 @@ def main(argv):
     rows.append(('tokens/s, MFU', None, None, tok_s, None))
     rows.append((f"text metrics on {b['metrics_words'] / 1e6:g}M words", None, None,
                  metrics_time(corpus, corpus_text, b['metrics_words']), None))
+    rows.append((f"distribution metrics on {b['distribution_n']:,} sentences", None, None,
+                 distribution_time(Setup(data, b).model, tok, corpus, ids, val_ids, b), None))
     with tempfile.TemporaryDirectory() as folder:
         rows.append(('prepare (gpt2 BPE)', None, None, prepare_speed(corpus_text, b['prepare_mb'], folder), None))
 

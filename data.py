@@ -50,9 +50,9 @@ import numpy as np
 class SyntheticCorpus:
     """Sentences = [template slots filled from their word classes] + end-of-text."""
 
-    def __init__(self, seed=1337, n_modes=64, n_classes=16, n_function=12, zipf=1.1):
+    def __init__(self, seed=1337, n_modes=64, n_classes=16, n_function=12, zipf=1.1, class_scale=1):
         rng = np.random.default_rng(seed)
-        sizes = rng.integers(4, 48, size=n_classes)
+        sizes = rng.integers(4, 48, size=n_classes) * class_scale  # words per class
         words = self._make_words(rng, n_function + int(sizes.sum()))
         self.function_words = words[:n_function]
         bounds = np.cumsum([n_function, *sizes])
@@ -72,6 +72,9 @@ class SyntheticCorpus:
         self.slot_of = {w: ('w', i) for i, w in enumerate(self.function_words)}
         self.slot_of.update({w: ('c', j) for j, c in enumerate(self.classes) for w in c})
         self.mode_of_slots = {t: m for m, t in enumerate(self.templates)}
+        # log P(word | its slot): 0 for a function word, log P(word | class) for a class word
+        self.word_logprob = {w: 0.0 for w in self.function_words}
+        self.word_logprob.update({w: math.log(p) for c, ps in zip(self.classes, self.class_probs) for w, p in zip(c, ps)})
 
     @staticmethod
     def _make_words(rng, n):
@@ -113,11 +116,7 @@ class SyntheticCorpus:
         m = self.mode_of(words)
         if m is None:
             return -math.inf
-        lp = math.log(self.mode_probs[m])
-        for w, (kind, i) in zip(words, self.templates[m]):
-            if kind == 'c':
-                lp += math.log(self.class_probs[i][self.classes[i].index(w)])
-        return lp
+        return math.log(self.mode_probs[m]) + sum(self.word_logprob[w] for w in words)
 
     def mode_of(self, words):
         """Which template generated this sentence (a list of words), or None if none could."""
@@ -127,6 +126,33 @@ class SyntheticCorpus:
     def text(self, n_sentences, seed):
         rng = np.random.default_rng(seed)
         return ''.join(' '.join(s) + '\n' for s in self.sample_sentences(n_sentences, rng))
+
+
+def split_sentences(ids, eot):
+    """Token ids -> (words, sent, n): the word ids of the sentences closed by an end-of-text (the
+    tokens from the start or an end-of-text up to the next end-of-text; an unclosed tail is left
+    out), the sentence index of each (sorted), and the number of sentences."""
+    ids = np.asarray(ids)
+    is_eot = ids == eot
+    n = int(is_eot.sum())
+    sent = np.cumsum(is_eot) - is_eot  # the end-of-texts before each token
+    keep = ~is_eot & (sent < n)
+    return ids[keep], sent[keep], n
+
+
+def row_sentences(rows, lengths):
+    """Rows of tokens (n, L), row i a sentence of lengths[i] - 1 words and its end-of-text -> (words,
+    sent, n) as split_sentences returns them."""
+    rows, lengths = np.asarray(rows), np.asarray(lengths)
+    keep = np.arange(rows.shape[1]) < lengths[:, None] - 1  # (n, L): the words
+    return rows[keep], np.nonzero(keep)[0], len(rows)
+
+
+def sentence_keys(words, sent, n):
+    """Each sentence's word ids as bytes: equal keys, equal sentences."""
+    bounds = np.searchsorted(sent, np.arange(n + 1)).tolist()
+    raw = np.asarray(words, dtype=np.int32).tobytes()
+    return [raw[4 * a:4 * b] for a, b in zip(bounds, bounds[1:])]
 
 
 def zipf_weights(n, s):
@@ -305,18 +331,18 @@ def bits_per_byte(loss, n_tokens, n_bytes):
     return loss * n_tokens / (n_bytes * math.log(2))
 
 
-def load_data(data, tokenizer, n_sentences=150_000, val_fraction=0.1):
+def load_data(data, tokenizer, n_sentences=150_000, val_fraction=0.1, n_modes=64, zipf=1.1, class_scale=1):
     """-> Data, which unpacks as (train ids, val ids, tokenizer, corpus text, SyntheticCorpus or None).
 
-    data='synthetic' builds the embedded corpus (always the same one: a run's seed changes the
-    training, not the data); a folder is prepared bins (load_bins: memory-mapped, its own tokenizer
+    data='synthetic' builds the embedded corpus (always the same one for the same n_sentences, n_modes,
+    zipf and class_scale: a run's seed changes the training, not the data); a folder is prepared bins (load_bins: memory-mapped, its own tokenizer
     and split); anything else is a path to a UTF-8 text file. tokenizer='auto' is the word
     vocabulary for the synthetic corpus and compacted GPT-2 BPE for a file. The last val_fraction
     of the tokens is the validation split.
     """
     if data != 'synthetic' and os.path.isdir(data):
         return load_bins(data, tokenizer)
-    corpus = SyntheticCorpus() if data == 'synthetic' else None
+    corpus = SyntheticCorpus(n_modes=n_modes, zipf=zipf, class_scale=class_scale) if data == 'synthetic' else None
     text = corpus.text(n_sentences, seed=0) if corpus is not None else read_text(data)
     tok = make_tokenizer(tokenizer, text, corpus)
     ids = np.array(tok.encode(text), dtype=np.int32)
@@ -324,6 +350,12 @@ def load_data(data, tokenizer, n_sentences=150_000, val_fraction=0.1):
     train, val = ids[:-n_val], ids[-n_val:]
     val_bytes = text_bytes(tok, val)
     return Data(train, val, tok, text, corpus, {'train': len(text.encode('utf-8')) - val_bytes, 'val': val_bytes})
+
+
+def load_run_data(c):
+    """load_data with a run's config (train.py's keys; those a checkpoint predates take their defaults)."""
+    return load_data(c['data'], c['tokenizer'], c.get('n_sentences', 150_000), n_modes=c.get('synthetic_modes', 64),
+                     zipf=c.get('synthetic_zipf', 1.1), class_scale=c.get('synthetic_class_scale', 1))
 
 
 def make_tokenizer(name, text, corpus):

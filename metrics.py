@@ -10,9 +10,10 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from data import WORD_BYTES, count_words as word_counts, entropy, get_batch
-from model import mask_id, mask_tokens
+from data import WORD_BYTES, count_words as word_counts, entropy, get_batch, row_sentences, sentence_keys, split_sentences
+from model import decoder_logits, mask_id, mask_tokens
 
 
 def words(text):
@@ -253,6 +254,123 @@ def evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=8, n_ba
     return out
 
 
+# -----------------------------------------------------------------------------
+# Theorem 5.5 measured literally: the synthetic corpus knows p, its distribution over sentences (words and
+# closing end-of-text), exactly; the model's q is estimated from sentences drawn from p and from q.
+
+def true_logprobs(corpus, tok, words, sent, n):
+    """log p(s) of each of split_sentences' sentences: log P(template) + the sum of its words'
+    log P(word | slot) (corpus.word_logprob); -inf where no template fits."""
+    modes = template_labels(corpus, tok.words, words, sent, n)
+    word_lp = np.array([corpus.word_logprob[w] for w in tok.words])
+    lp = np.log(corpus.mode_probs)[modes] + np.bincount(sent, weights=word_lp[words], minlength=n)
+    return np.where(modes >= 0, lp, -math.inf)
+
+
+@torch.no_grad()
+def sentence_logprobs(model, rows, lengths, eot, decoder=None, device='cpu', ctx=nullcontext(), batch_size=500):
+    """log q(row) of each row of tokens (n, L), its first lengths[i] tokens scored from an
+    end-of-text start: sum_t log q(token_t | end-of-text, tokens before t), q the model's next-token
+    distribution, or the decoder's (dict of decoder_logits' arguments) when given."""
+    out = []
+    for i in range(0, len(rows), batch_size):
+        y = rows[i:i + batch_size].to(device)                                   # (B, L)
+        x = torch.cat((torch.full_like(y[:, :1], eot), y[:, :-1]), dim=1)       # (B, L): shifted right
+        with ctx:
+            logits = model.lm_head(model.hidden(x))                              # (B, L, V)
+        logp = F.log_softmax(decoder_logits(logits, **(decoder or {})), dim=-1)
+        picked = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)                   # (B, L)
+        scored = torch.arange(y.size(1), device=device) < lengths[i:i + batch_size, None].to(device)
+        out.append(torch.where(scored, picked, 0.0).sum(1).double().cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def split_loss(model, ids, device='cpu', batch_size=500):
+    """Mean next-token loss (nats/token) of a GPT over a whole split cut into consecutive windows of
+    block_size tokens (each window's first token has no context, as a validation batch's)."""
+    T = model.config.block_size
+    ids = torch.as_tensor(np.asarray(ids[:(len(ids) - 1) // T * T + 1], dtype=np.int64))
+    x, y = ids[:-1].view(-1, T).split(batch_size), ids[1:].view(-1, T).split(batch_size)  # (<= batch_size, T) each
+    return sum(model(a.to(device), b.to(device))[1].item() * len(a) for a, b in zip(x, y)) / ((len(ids) - 1) // T)
+
+
+def ratio_se(a, b):
+    """(mean(a) / mean(b), its standard error by the delta method) over paired samples a, b."""
+    r = a.mean() / b.mean()
+    return float(r), float((a - r * b).std(ddof=1) / math.sqrt(len(a)) / b.mean()) if len(a) > 1 else None
+
+
+def kl_estimates(fwd_log_p, fwd_log_q, fwd_tokens, log_q, log_p, tokens):
+    """Per-token estimates (nats) with standard errors from sentence log-probabilities: fwd_* of n
+    sentences drawn from p, the others of sentences drawn from q (tokens: each one's, end-of-text included).
+    forward_kl = KL(p || q) = mean(log p - log q) / mean tokens, on the sentences from p;
+    off_support = the share of q's sentences with p = 0, q(S) = 1 - off_support the mass of p's support S;
+    reverse_kl = KL(q_S || p), q_S = q restricted to S and renormalised: E_{q|S}[log q - log p] - log q(S),
+    per token of the sentences in S;  model_entropy = -E_q[log q] / E_q[tokens]."""
+    forward, forward_se = ratio_se(fwd_log_p - fwd_log_q, fwd_tokens)
+    on, n = np.isfinite(log_p), len(log_p)
+    q_on = on.mean()
+    out = dict(forward_kl=forward, forward_kl_se=forward_se, off_support=float(1 - q_on),
+               off_support_se=math.sqrt(q_on * (1 - q_on) / n), reverse_kl=None, reverse_kl_se=None)
+    out['model_entropy'], out['model_entropy_se'] = ratio_se(-log_q, tokens)
+    if on.any():  # log q(S) has variance (1 - q(S)) / (n q(S)) (delta method), added to the ratio's
+        per_token, se = ratio_se(log_q[on] - log_p[on], tokens[on])
+        out['reverse_kl'] = per_token - math.log(q_on) / tokens[on].mean()
+        if se is not None:
+            out['reverse_kl_se'] = math.sqrt(se ** 2 + (1 - q_on) / (n * q_on) / tokens[on].mean() ** 2)
+    return out
+
+
+@torch.no_grad()
+def distribution_metrics(model, tok, corpus, train_ids, val_ids, n=5000, max_tokens=None, decoder=None,
+                         device='cpu', ctx=nullcontext(), seed=0, batch_size=500):
+    """kl_estimates from n sentences drawn from the corpus and n drawn from the model (model.generate
+    from an end-of-text, the decoder's temperature/top_k/top_p, at most max_tokens, default twice the
+    longest template's; one left unclosed is off the support, its log q that of its max_tokens), with the Theorem 5.5 counts: train_share, the share of the model's sentences
+    found verbatim in the training split, against train_true_mass, p's exact mass on the distinct
+    training sentences (its _se: 0); excess = their difference. forward_kl scores with the model's own
+    q (a truncating decoder gives p's sentences q = 0), the rest with the decoder's. val_gap = the
+    validation split's loss (windows of block_size) - entropy_rate: the gap forward_kl would be if its
+    windows began at sentence starts; they begin anywhere, and a sentence cut open loses its template's
+    start, so val_gap exceeds forward_kl. {} (no keys) unless the corpus is synthetic, tokenized by its
+    words, and the model a causal GPT."""
+    if corpus is None or tok.name != 'word' or not model.config.causal:
+        return {}
+    was_training, rng, eot = model.training, np.random.default_rng(seed), tok.eot
+    max_tokens = max_tokens or 2 * max(len(t) + 1 for t in corpus.templates)
+    model.eval()
+    truth = [[tok.index[w] for w in s] + [eot] for s in corpus.sample_sentences(n, rng)]
+    fwd_tokens = torch.tensor([len(s) for s in truth])
+    rows = torch.tensor([s + [eot] * (max(map(len, truth)) - len(s)) for s in truth])  # (n, longest)
+    fwd_log_q = sentence_logprobs(model, rows, fwd_tokens, eot, None, device, ctx, batch_size)
+    fwd_log_p = true_logprobs(corpus, tok, *row_sentences(rows, fwd_tokens))
+    d = {'temperature': 1.0, 'top_p': 1.0, **(decoder or {})}
+    d['top_k'] = d.get('top_k') or None  # 0: off, as for sample_texts
+    with torch.random.fork_rng(devices=[torch.device(device)] if str(device).startswith('cuda') else []):
+        torch.manual_seed(seed)
+        with ctx:
+            drawn = torch.cat([model.generate(torch.full((min(batch_size, n - i), 1), eot, device=device), max_tokens,
+                                              d['temperature'], d['top_k'], eot, d['top_p'])[:, 1:].cpu()
+                               for i in range(0, n, batch_size)])  # (n, max_tokens), end-of-text after the first
+    closed = (drawn == eot).any(1)
+    tokens = torch.where(closed, (drawn == eot).int().argmax(1) + 1, max_tokens)  # words + end-of-text, or the cap
+    log_q = sentence_logprobs(model, drawn, tokens, eot, d, device, ctx, batch_size)
+    val_loss = split_loss(model, val_ids, device, batch_size)
+    model.train(was_training)
+    words, sent, _ = row_sentences(drawn, tokens)
+    log_p = np.where(closed, true_logprobs(corpus, tok, words, sent, n), -math.inf)
+    train = split_sentences(train_ids, eot)
+    train_lp = dict(zip(sentence_keys(*train), true_logprobs(corpus, tok, *train)))  # distinct sentence -> log p
+    in_train = np.array([k in train_lp for k in sentence_keys(words, sent, n)]) & closed.numpy()
+    share, mass = float(in_train.mean()), float(np.exp(list(train_lp.values())).sum())
+    share_se = math.sqrt(share * (1 - share) / n)
+    return dict(**kl_estimates(fwd_log_p, fwd_log_q, fwd_tokens.double().numpy(), log_q, log_p, tokens.double().numpy()),
+                train_share=share, train_share_se=share_se, train_true_mass=mass, train_true_mass_se=0.0,
+                excess=share - mass, excess_se=share_se, n_distribution_samples=n, val_split_loss=val_loss,
+                val_gap=val_loss - corpus.entropy_rate())
+
+
 # the table's columns: (name, metric, format; '%' = a percentage)
 COLUMNS = [('hf', 'hf_proportion', '%'), ('H_pred', 'predictive_entropy', '.3f'),
            ('H_sample', 'sample_entropy', '.3f'), ('erank', 'effective_rank', '.1f'),
@@ -263,10 +381,17 @@ COLUMNS = [('hf', 'hf_proportion', '%'), ('H_pred', 'predictive_entropy', '.3f')
 
 
 def summary(m):
-    """One line for the end of a run: the HF proportion (the corpus's too), the table's columns."""
+    """One line for the end of a run: the HF proportion (the corpus's too), the table's columns; and
+    with distribution_metrics' keys a second: Theorem 5.5's estimates, each +- its standard error."""
     hf, corpus = fmt(m['hf_proportion'], '%'), fmt(m['corpus_hf_proportion'], '%')
-    return f"metrics: high-frequency words {hf} (corpus {corpus})" + ''.join(
+    line = f"metrics: high-frequency words {hf} (corpus {corpus})" + ''.join(
         f" | {name} {fmt(m.get(k), spec)}" for name, k, spec in COLUMNS[1:])
+    if 'forward_kl' not in m:
+        return line
+    pm = lambda k, spec='.3f': f"{fmt(m[k], spec)}±{fmt(m[k + '_se'], spec)}"  # noqa: E731
+    return (f"{line}\ntheorem 5.5: forward KL {pm('forward_kl')} | reverse KL {pm('reverse_kl')} | off-support "
+            f"{pm('off_support', '%')} | entropy {pm('model_entropy')} (true {m['entropy_rate']:.3f}) | train share "
+            f"{pm('train_share', '%')} (true mass {fmt(m['train_true_mass'], '%')}) | val gap {m['val_gap']:.3f}")
 
 
 def fmt(v, spec):

@@ -311,22 +311,31 @@ class GPT(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=1.0):
-    """Logits (B, V) of the next token -> tokens (B, 1). temperature 0 is greedy (argmax); else a
-    draw from softmax(logits / temperature), cut to the top_k tokens and then to the nucleus: the
-    most probable tokens whose mass reaches top_p (Holtzman et al. 2019; top_p=1 is off). No host sync."""
+    """Logits (B, V) of the next token -> tokens (B, 1), drawn from decoder_logits' distribution;
+    temperature 0 is greedy (argmax). No host sync."""
+    if temperature == 0:
+        return logits.float().argmax(dim=-1, keepdim=True)
+    return torch.multinomial(F.softmax(decoder_logits(logits, temperature, top_k, top_p), dim=-1), num_samples=1)
+
+
+def decoder_logits(logits, temperature=1.0, top_k=None, top_p=1.0):
+    """Logits (..., V) -> float logits (..., V) whose softmax is the decoder's distribution of the next
+    token: temperature 0 keeps the argmax alone (greedy); else softmax(logits / temperature), cut to
+    the top_k tokens and then to the nucleus: the most probable tokens whose mass reaches top_p
+    (Holtzman et al. 2019; top_p=1 is off). Cut tokens get -inf."""
     logits = logits.float()
     if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
+        return logits.masked_fill(logits < logits.amax(dim=-1, keepdim=True), -float('inf'))
     logits = logits / temperature
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], -float('inf'))
+        logits = logits.masked_fill(logits < v[..., [-1]], -float('inf'))
     if top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (..., V) each
         probs = F.softmax(sorted_logits, dim=-1)
         outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before it already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -float('inf')))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+    return logits
 
 
 def mask_id(vocab_size):

@@ -1,24 +1,30 @@
 """
 Sample from a trained model: python sample.py --out_dir=out [--num_samples=5 --temperature=0.8 --top_k=40]
 
+With --metrics=True it prints nothing per sample: it writes RUN/samples-<decoder>.txt and
+RUN/metrics-<decoder>.json (decoder e.g. t1.0-k0-p0.9), the metrics of train.py's report.json for this
+decoder (distribution_metrics' too on the synthetic corpus), the data rebuilt from the checkpoint's config.
+
 GPT samples autoregressively: greedy at temperature 0, else temperature, top-k and top-p
 (nucleus). BERT fills a row of [MASK] by iterative mask-predict. The tokenizer comes from the
 checkpoint, so no data file is needed.
 """
+import json
+import os
 import sys
 import time
 
 import torch
 
 from configurator import DEVICE, parse_flags, validate
-from data import tokenizer_from_state
+from data import load_run_data, tokenizer_from_state
 from model import GPT, GPTConfig, load_checkpoint, load_model_state, mask_id
 
 DEFAULTS = dict(out_dir='out', num_samples=5, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
-                start='', mask_steps=10, seed=1337, device='cuda' if torch.cuda.is_available() else 'cpu')
+                start='', mask_steps=10, seed=1337, metrics=False, dist_samples=5000, device='cuda' if torch.cuda.is_available() else 'cpu')
 
 VALID = dict(out_dir='PATH', num_samples='>= 1', max_new_tokens='>= 1', temperature='>= 0', top_k='>= 0', top_p='(0, 1]',
-             start='any', mask_steps='>= 1', seed='>= 0', device=DEVICE)  # configurator.py's rules, as train.py's
+             start='any', mask_steps='>= 1', seed='>= 0', metrics='any', dist_samples='>= 2', device=DEVICE)  # configurator.py's rules, as train.py's
 
 
 @torch.no_grad()
@@ -73,9 +79,28 @@ def main(argv):
     tok = tokenizer_from_state(ckpt['tokenizer'])
     texts = sample_texts(model, tok, c['num_samples'], c['max_new_tokens'], c['temperature'], c['top_k'],
                          c['start'], c['mask_steps'], c['device'], c['seed'], top_p=c['top_p'])
+    if c['metrics']:
+        return write_metrics(model, ckpt, texts, c)
     for text in texts:
         print(text.rstrip('\n'))
         print('---------------')
+
+
+def write_metrics(model, ckpt, texts, c):
+    """--metrics=True: RUN/samples-<decoder>.txt and RUN/metrics-<decoder>.json, metrics as train.finish's."""
+    from metrics import distribution_metrics, evaluate, summary  # here: plain sampling needs no data
+    decoder = {k: c[k] for k in ('temperature', 'top_k', 'top_p')}
+    name = f"t{c['temperature']}-k{c['top_k']}-p{c['top_p']}"
+    data, seed, device = load_run_data(ckpt['config']), ckpt['config']['seed'], c['device']
+    m = evaluate(model, data.tok, data.text, data.corpus, texts, data.val, batch_size=ckpt['config']['batch_size'],
+                 device=device, seed=seed, counts=data.word_counts)
+    m.update(distribution_metrics(model, data.tok, data.corpus, data.train, data.val, c['dist_samples'], decoder=decoder,
+                                 device=device, seed=seed))
+    with open(os.path.join(c['out_dir'], f'samples-{name}.txt'), 'w') as f:
+        f.write('\n=====\n'.join(texts))
+    with open(os.path.join(c['out_dir'], f'metrics-{name}.json'), 'w') as f:
+        json.dump(dict(decoder=decoder, iter_num=ckpt['iter_num'], metrics=m), f, indent=1)
+    print(summary(m))
 
 
 if __name__ == '__main__':

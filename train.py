@@ -22,8 +22,8 @@ import torch
 import distributed
 from baara import BAARA
 from configurator import DEVICE, parse_flags, validate
-from data import get_batch, load_data, tokenizer_from_state
-from metrics import evaluate, summary
+from data import get_batch, load_run_data, tokenizer_from_state
+from metrics import distribution_metrics, evaluate, summary
 from model import GPT, GPTConfig, SIZES, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_id, mask_tokens, peak_flops
 from runfolder import RunLog, checkpoint_path, resumed_config, run_folder, write_atomic
 from sample import sample_texts
@@ -45,6 +45,7 @@ DEFAULTS = dict(
     # data
     data='synthetic',             # 'synthetic' (embedded, no file) or a path to a UTF-8 text file
     tokenizer='auto',             # auto (word for synthetic, gpt2-compact for files), word, char, gpt2, gpt2-compact
+    n_sentences=150_000, synthetic_modes=64, synthetic_zipf=1.1, synthetic_class_scale=1,  # SyntheticCorpus (README)
     # model
     model='gpt',                  # 'gpt' (causal LM) or 'bert' (masked LM)
     size='tiny',                  # a name from model.SIZES; n_layer/n_head/n_embd set explicitly win
@@ -60,7 +61,8 @@ DEFAULTS = dict(
     # BAARA (baara.py): a policy picks each step's learning-rate factor, update scope and DMU/DTU keep ratios
     baara=False, baara_cost='time',  # C_b from measured step times, or 'flops' (deterministic, reproducible)
     # end of run: samples and metrics written to out_dir
-    num_samples=200, sample_tokens=64,
+    num_samples=200, sample_tokens=64, dist_samples=5000,  # dist_samples: sentences for Thm 5.5's metrics
+    temperature=1.0, top_k=0, top_p=1.0,  # their decoder (0: greedy; 0: no top-k; 1: no nucleus), also for the metrics
     # system
     device='cuda' if torch.cuda.is_available() else 'cpu',
     dtype=default_dtype(),          # bfloat16 on a GPU with native bf16, else float32
@@ -74,6 +76,7 @@ VALID = dict(
     out_dir='PATH', eval_interval='>= 1', log_interval='>= 1', eval_iters='>= 1',
     init_from='scratch | resume | PATH',
     data='synthetic | PATH', tokenizer='auto | word | char | gpt2 | gpt2-compact',
+    n_sentences='>= 1', synthetic_modes='>= 1', synthetic_zipf='>= 0', synthetic_class_scale='>= 1',
     model='gpt | bert', size=' | '.join(SIZES),
     n_layer='>= 1', n_head='>= 1', n_embd='>= 1', block_size='>= 1', dropout='[0, 1)', bias='any',
     dmu_p='(0, 1]', dmu_mode='prob | fix | edge', dtu_r='(0, 1]',
@@ -82,11 +85,12 @@ VALID = dict(
     warmup_iters='>= 0', lr_decay_iters='>= 0', min_lr='>= 0',
     psu_lambda='[0, 1]', psu_channels='stats | params | both', psu_beta='[0, 1]',
     baara='any', baara_cost='time | flops',
-    num_samples='>= 1', sample_tokens='>= 1',
+    num_samples='>= 1', sample_tokens='>= 1', dist_samples='>= 2', temperature='>= 0', top_k='>= 0', top_p='(0, 1]',
     device=DEVICE, dtype='float32 | bfloat16', compile='any', seed='>= 0', fsdp='any', overwrite='any',
 )
 # Keys that fix the model's shape, data or vocabulary: a resumed run may only repeat the checkpoint's value
-SHAPE_KEYS = ('model', 'size', 'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'data', 'tokenizer')
+SHAPE_KEYS = ('model', 'size', 'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'data', 'tokenizer',
+              'n_sentences', 'synthetic_modes', 'synthetic_zipf', 'synthetic_class_scale')
 
 
 def get_config(argv):
@@ -217,7 +221,7 @@ def run(c, rank, world):
     # ---- data and model: from scratch, from GPT-2's weights, or resumed from out_dir
     ckpt = load_checkpoint(checkpoint_path(c)) if c['init_from'] == 'resume' else None
     gpt2_args, gpt2_weights = load_gpt2(c) if c['init_from'] not in ('scratch', 'resume') else (None, None)
-    train_ids, val_ids, tok, corpus_text, corpus = data = load_data(c['data'], c['tokenizer'])
+    train_ids, val_ids, tok, corpus_text, corpus = data = load_run_data(c)
     check_data(train_ids, val_ids, tok, ckpt, c)
     if ckpt is not None and len(ckpt['ranks']) != world:  # each rank's RNGs and PSU reference were saved
         raise SystemExit(f"error: the checkpoint in {c['out_dir']!r} was saved by {len(ckpt['ranks'])} process(es); "
@@ -306,7 +310,7 @@ def run(c, rank, world):
         raw_model = distributed.unsharded(raw_model, config, device)
     if master:
         log.close()
-        finish(raw_model, tok, corpus, corpus_text, val_ids, diagnostics, iter_num, c, device, ctx, data.word_counts)
+        finish(raw_model, tok, corpus, corpus_text, train_ids, val_ids, diagnostics, iter_num, c, device, ctx, data.word_counts)
     distributed.teardown()
 
 
@@ -422,16 +426,19 @@ def stop_nonfinite(iter_num, c):
                      f"checkpoint in {c['out_dir']!r} is untouched")
 
 
-def finish(model, tok, corpus, corpus_text, val_ids, diagnostics, iter_num, c, device, ctx, counts=None):
-    """End of run: samples to samples.txt, metrics and the stability verdict to report.json, which
-    also says which run made it: its config and the iteration of its model (and checkpoint)."""
+def finish(model, tok, corpus, corpus_text, train_ids, val_ids, diagnostics, iter_num, c, device, ctx, counts=None):
+    """End of run: samples to samples.txt, metrics (distribution_metrics' too) and the stability verdict to report.json,
+    which also says which run made it: its config, the iteration of its model (and checkpoint), the samples' decoder."""
+    decoder = {k: c[k] for k in ('temperature', 'top_k', 'top_p')}
     with ctx:
-        texts = sample_texts(model, tok, c['num_samples'], c['sample_tokens'], device=device, seed=c['seed'])
+        texts = sample_texts(model, tok, c['num_samples'], c['sample_tokens'], device=device, seed=c['seed'], **decoder)
     write_atomic(os.path.join(c['out_dir'], 'samples.txt'), '\n=====\n'.join(texts))
     verdict = diagnostics.verdict()
     metrics = evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=c['batch_size'],
                        device=device, ctx=ctx, seed=c['seed'], counts=counts)
-    report = dict(config=c, iter_num=iter_num, stability=verdict, metrics=metrics)
+    metrics.update(distribution_metrics(model, tok, corpus, train_ids, val_ids, c['dist_samples'], decoder=decoder,
+                                       device=device, ctx=ctx, seed=c['seed']))
+    report = dict(config=c, iter_num=iter_num, decoder=decoder, stability=verdict, metrics=metrics)
     write_atomic(os.path.join(c['out_dir'], 'report.json'), json.dumps(report, indent=1))
     print(summary(metrics))
     print(f"stability: {verdict['verdict']}; {len(texts)} samples in {c['out_dir']}/samples.txt, e.g.:")

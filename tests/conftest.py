@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 # a 2-layer, 32-wide model on the CPU in float32, eager, logging every step: a run of 20 iters
 # takes a few seconds. A flag given after these wins (train.py reads them in order).
 TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=8', '--eval_iters=2',
-        '--num_samples=4', '--sample_tokens=16', '--log_interval=1', '--warmup_iters=5', '--lr_decay_iters=40',
+        '--num_samples=4', '--sample_tokens=16', '--dist_samples=50', '--log_interval=1', '--warmup_iters=5', '--lr_decay_iters=40',
         '--learning_rate=3e-3', '--device=cpu', '--dtype=float32', '--compile=False']
 
 needs_compiler = pytest.mark.skipif(shutil.which('g++') is None,

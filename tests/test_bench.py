@@ -15,7 +15,7 @@ ROW = re.compile(r'^(DMU|DTU|PSU|BAARA|train step from bins) .*\s(\d+\.\d) +(\d+
 def test_bench_prints_every_row(capsys):
     """With one timed step the B/A ratio is B's time over A's, both printed (in ms, to 0.1): the
     ratio must agree with them to their rounding, and a goal is met exactly when ratio <= goal."""
-    bench.main(['--steps=1', '--warmup=0', '--metrics_words=2000', '--prepare_mb=0.5', '--device=cpu', '--dtype=float32'])
+    bench.main(['--steps=1', '--warmup=0', '--metrics_words=2000', '--distribution_n=50', '--prepare_mb=0.5', '--device=cpu', '--dtype=float32'])
     out = capsys.readouterr().out
     assert out.startswith('machine: ')
     rows = ROW.findall(out)
@@ -29,6 +29,7 @@ def test_bench_prints_every_row(capsys):
             assert (verdict == 'met') == (ratio <= float(goal)), name
     assert re.search(r'^tokens/s, MFU +[\d,]+ tok/s', out, re.M)
     assert re.search(r'^text metrics on 0.002M words +[\d.]+ s for', out, re.M)
+    assert re.search(r'^distribution metrics on 50 sentences +[\d.]+ s \(forward KL [\d.]+, 50 samples\)', out, re.M)
     mb_s, mb, seconds = re.search(r'^prepare \(gpt2 BPE\) +([\d.]+) MB/s on ([\d.]+) MB \(.* x \d+, [\d,]+ tokens in '
                                   r'([\d.]+) s', out, re.M).groups()
     assert float(mb) >= 0.5 and float(mb_s) == pytest.approx(float(mb) / float(seconds), rel=0.05, abs=0.1)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import metrics
 import tables
 from conftest import ROOT, run
@@ -325,3 +326,64 @@ def test_cli_theorem55_table_and_stability_map(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         tables.main(['--map', dirs[0]])
     assert str(e.value).startswith('error: the map needs at least 2')
+
+
+# ---------------------------------------------------------------- Theorem 5.5: distribution metrics
+
+def test_kl_estimates_by_hand():
+    """Two sentences from p, four from q (one off the support): each estimate as its formula says."""
+    out = metrics.kl_estimates(np.array([-2.0, -4.0]), np.array([-3.0, -4.5]), np.array([3.0, 5.0]),
+                               np.array([-1.0, -2.0, -3.0, -6.0]), np.array([-2.0, -2.5, -math.inf, -5.0]),
+                               np.array([2.0, 3.0, 4.0, 5.0]))
+    assert out['forward_kl'] == pytest.approx((1.0 + 0.5) / 2 / 4)  # mean(log p - log q) / mean tokens
+    assert out['off_support'] == 0.25
+    # E_{q|S}[log q - log p] = (1 + 0.5 - 1) / 3, log q(S) = log 0.75, per token of S: mean 10 / 3
+    assert out['reverse_kl'] == pytest.approx(((1 + 0.5 - 1) / 3 - math.log(0.75)) / (10 / 3))
+    assert out['model_entropy'] == pytest.approx(12 / 14)
+    assert out['off_support_se'] == pytest.approx(math.sqrt(0.25 * 0.75 / 4))
+    r = 1.5 / 8  # forward's ratio, and its delta-method standard error
+    assert out['forward_kl_se'] == pytest.approx(np.std([1 - r * 3, 0.5 - r * 5], ddof=1) / math.sqrt(2) / 4)
+
+
+def test_true_logprobs_of_true_sentences_are_finite_and_exact(corpus):
+    """Sentences drawn from p are all on its support (off_support 0 for them), with corpus.sentence_logprob's values."""
+    tok = data.WordTokenizer(corpus.words)
+    sents = corpus.sample_sentences(300, np.random.default_rng(0))
+    ids = [i for s in sents for i in [tok.index[w] for w in s] + [tok.eot]]
+    lp = metrics.true_logprobs(corpus, tok, *data.split_sentences(ids, tok.eot))
+    assert len(lp) == 300 and np.isfinite(lp).all()
+    assert lp == pytest.approx([corpus.sentence_logprob(s) for s in sents], abs=1e-9)
+    assert metrics.true_logprobs(corpus, tok, *data.split_sentences([0, 0, 0, 0, tok.eot], tok.eot))[0] == -math.inf
+
+
+@pytest.fixture(scope='module')
+def small():
+    d = data.load_data('synthetic', 'word', n_sentences=2000)
+    torch.manual_seed(0)
+    return d, GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=d.tok.vocab_size))
+
+
+def test_distribution_metrics_on_a_random_model(small):
+    """Every estimate finite with its standard error; a fresh model never closes a sentence of the truth's."""
+    d, m = small
+    out = metrics.distribution_metrics(m, d.tok, d.corpus, d.train, d.val, n=40)
+    for k in ('forward_kl', 'model_entropy', 'train_true_mass', 'val_gap'):
+        assert math.isfinite(out[k]), k
+    assert 0 < out['forward_kl_se'] < out['forward_kl']  # KL of a random model: nats per token, known to 1e-2
+    assert math.isfinite(out['model_entropy_se']) and out['n_distribution_samples'] == 40
+    # a random model's entropy is near log V per token (it cannot exceed it)
+    assert out['model_entropy'] <= math.log(d.tok.vocab_size) + 3 * out['model_entropy_se']
+    assert out['off_support'] == 1.0 and out['reverse_kl'] is None and out['train_share'] == 0.0
+
+
+def test_train_true_mass_matches_the_share_of_fresh_sentences_in_training(small):
+    """train_true_mass (exact) against its estimate: the share of 20,000 fresh true sentences found
+    in the training split, a binomial proportion, within 4 standard errors (false alarm ~6e-5)."""
+    d, m = small
+    mass = metrics.distribution_metrics(m, d.tok, d.corpus, d.train, d.val, n=2)['train_true_mass']
+    train_text = d.tok.decode(d.train.tolist()).split('\n')[:-1]  # the closed sentences of the training split
+    seen = set(train_text)
+    fresh = d.corpus.sample_sentences(20_000, np.random.default_rng(1))
+    share = np.mean([' '.join(s) in seen for s in fresh])
+    assert 0.2 < mass < 0.8  # a small corpus: its training sentences hold a good part of p, but not all
+    assert abs(share - mass) < 4 * math.sqrt(mass * (1 - mass) / 20_000)

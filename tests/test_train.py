@@ -86,6 +86,33 @@ def test_artifacts(gpt_run):
     assert len(samples) == 4 and all(s.strip() for s in samples)
 
 
+THEOREM = ('forward_kl', 'reverse_kl', 'off_support', 'model_entropy', 'train_share', 'train_true_mass')
+
+
+def test_report_has_the_theorem_keys_and_the_decoder(gpt_run, capsys):
+    """report.json: the six distribution metrics with their standard errors, entropy_rate, and the decoder."""
+    report = json.load(open(os.path.join(gpt_run, 'report.json')))
+    m = report['metrics']
+    assert set(THEOREM) | {k + '_se' for k in THEOREM} | {'entropy_rate', 'val_gap', 'excess'} <= set(m)
+    assert report['decoder'] == {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0}
+    assert m['n_distribution_samples'] == 50 and math.isfinite(m['forward_kl']) and m['forward_kl_se'] < 0.1  # TINY's --dist_samples
+    assert m['excess'] == pytest.approx(m['train_share'] - m['train_true_mass'])
+
+
+def test_sample_py_metrics_per_decoder(gpt_run, capsys):
+    """--metrics=True writes samples-<decoder>.txt and metrics-<decoder>.json (the report's metrics for
+    that decoder); greedy: one argmax sentence, so the model's sentence entropy under it is 0."""
+    sample.main([f'--out_dir={gpt_run}', '--num_samples=3', '--max_new_tokens=8', '--device=cpu',
+                 '--metrics=True', '--temperature=0', '--dist_samples=50'])  # as conftest.TINY's run
+    assert capsys.readouterr().out.count('\ntheorem 5.5: forward KL ') == 1
+    samples = open(os.path.join(gpt_run, 'samples-t0.0-k0-p1.0.txt')).read().split('\n=====\n')
+    written = json.load(open(os.path.join(gpt_run, 'metrics-t0.0-k0-p1.0.json')))
+    report = json.load(open(os.path.join(gpt_run, 'report.json')))
+    assert len(samples) == 3 and written['decoder'] == {'temperature': 0.0, 'top_k': 0, 'top_p': 1.0}
+    assert written['metrics']['forward_kl'] == report['metrics']['forward_kl']  # the model's own q: decoder-free
+    assert written['metrics']['model_entropy'] == 0.0 and set(report['metrics']) == set(written['metrics'])
+
+
 def test_sample_py_prints_samples(gpt_run, capsys):
     sample.main([f'--out_dir={gpt_run}', '--num_samples=3', '--max_new_tokens=8', '--device=cpu'])
     out = capsys.readouterr().out
