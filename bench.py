@@ -24,22 +24,28 @@ import tempfile
 import time
 from types import SimpleNamespace
 
+from configurator import DEVICE, auto_device, auto_dtype, exit_if_help, parse_flags, validate
+
+BENCH = dict(steps=25, warmup=3, seed=1337, metrics_words=1_000_000, distribution_n=5000,
+             prepare_mb=10.0,  # MB of text for the data.prepare line
+             threads=0,  # torch CPU threads; 0 = torch's default. On a shared machine 1 gives steadier ratios
+             device='auto',  # cuda where torch sees a GPU, else cpu
+             dtype='auto')  # train.py's: bfloat16 on a GPU with native bf16, else float32
+RULES = dict(steps='>= 1', warmup='>= 0', seed='>= 0', metrics_words='>= 1', distribution_n='>= 2', prepare_mb='> 0', threads='>= 0',
+             device=DEVICE, dtype='auto | float32 | bfloat16')  # configurator.py's rules, as train.py's
+
+if __name__ == '__main__':  # the config above comes before torch is imported, so that --help answers at once
+    exit_if_help(sys.argv[1:], __doc__, BENCH, RULES)
+
 import numpy as np
 import torch
 
 import train
 from baara import BAARA, REF_EVERY
-from configurator import DEVICE, parse_flags, validate
 from data import load_data, prepare
 from metrics import distribution_metrics, high_frequency_set, text_metrics
 from model import GPT, MLP, GPTConfig, peak_flops
 from stabilize import PSU
-
-BENCH = dict(steps=25, warmup=3, seed=1337, metrics_words=1_000_000, distribution_n=5000,
-             prepare_mb=10.0,  # MB of text for the data.prepare line
-             threads=0,  # torch CPU threads; 0 = torch's default. On a shared machine 1 gives steadier ratios
-             device='cuda' if torch.cuda.is_available() else 'cpu',
-             dtype=train.default_dtype())
 
 
 class Setup:
@@ -239,11 +245,9 @@ def gpu_rows(b, pair, size=GPT2, label='GPT-2 124M', vocab=50304):
 
 
 def main(argv):
-    rules = dict(steps='>= 1', warmup='>= 0', seed='>= 0', metrics_words='>= 1', distribution_n='>= 2', prepare_mb='> 0',
-                 threads='>= 0',
-                 device=DEVICE, dtype='float32 | bfloat16')  # configurator.py's rules, as train.py's
-    b, _ = parse_flags(BENCH, argv, rules)
-    validate(b, rules)
+    b, _ = parse_flags(BENCH, argv, RULES)
+    validate(b, RULES)
+    b['device'], b['dtype'] = auto_device(b['device']), auto_dtype(b['dtype'])
     if b['threads'] > 0:
         torch.set_num_threads(b['threads'])
     if b['device'].startswith('cuda:'):

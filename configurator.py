@@ -14,26 +14,24 @@ A rule is a short string:
     'gpt | bert'            one of these strings; 'PATH' stands for any non-empty string and
                             'cuda:N' for cuda:0, cuda:1, ...
     'any'                   any value of the default's type (a bool, a seed)
-DEVICE is the rule of a device key; validate() also checks that the device is on this machine.
+DEVICE is the rule of a device key; validate() also checks that the device is on this machine, and
+auto_device() turns 'auto' into cuda or cpu (auto_dtype: bfloat16 or float32). A script that imports torch calls exit_if_help() before
+it does, so that --help answers at once.
 """
 import ast
 import math
 import os
 import sys
 
-DEVICE = 'cpu | cuda | cuda:N | mps'
+DEVICE = 'auto | cpu | cuda | cuda:N | mps'
 
 
 def parse_flags(defaults, argv, rules=None):
     """defaults: dict of key -> default value; rules: key -> rule, shown by --help (the caller
     validates, after merging a resumed config). Returns (config dict, the keys set)."""
+    exit_if_help(argv, sys.modules['__main__'].__doc__, defaults, rules)
     config, given = dict(defaults), {}
     for arg in argv:
-        if arg in ('-h', '--help'):
-            print((sys.modules['__main__'].__doc__ or '').strip() + '\n\nkeys, defaults and valid values:')
-            print('\n'.join(f'  --{key}={value!r}' + (f'  ({describe(rules[key], value)})' if key in (rules or {}) else '')
-                            for key, value in defaults.items()))
-            raise SystemExit(0)
         if not arg.startswith('--'):
             given.update(read_config_file(arg, defaults))
             continue
@@ -44,6 +42,32 @@ def parse_flags(defaults, argv, rules=None):
         given[key] = coerce(key, value, defaults[key])
     config.update(given)
     return config, set(given)
+
+
+def exit_if_help(argv, doc, defaults=None, rules=None):
+    """-h or --help in argv: print the docstring `doc`, then each key with its default and its rule, and exit."""
+    if '-h' not in argv and '--help' not in argv:
+        return
+    print((doc or '').strip() + ('\n\nkeys, defaults and valid values:' if defaults else ''))
+    if defaults:
+        print('\n'.join(f'  --{key}={value!r}' + (f'  ({describe(rules[key], value)})' if key in (rules or {}) else '')
+                        for key, value in defaults.items()))
+    raise SystemExit(0)
+
+
+def auto_device(device):
+    """'auto' -> 'cuda' where torch sees a GPU, else 'cpu'; any other device as it is."""
+    import torch  # here, not at the top: --help needs no torch
+    return ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+
+
+def auto_dtype(dtype):
+    """'auto' -> bfloat16 on a GPU that computes in it (compute capability 8.0 on: A100, H100, H200; ROCm),
+    else float32; any other dtype as it is. T4 and V100 only emulate bf16, slower than float32, and
+    torch.cuda.is_bf16_supported() says True there unless asked without emulation."""
+    import torch
+    native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    return ('bfloat16' if native else 'float32') if dtype == 'auto' else dtype
 
 
 def validate(config, rules):

@@ -431,8 +431,9 @@ def load_bins(folder, tokenizer):
     meta = read_meta(folder)
     tok = tokenizer_from_state(meta['tokenizer'])
     if tokenizer not in ('auto', tok.name):
-        raise SystemExit(f"error: {folder!r} holds {tok.name} tokens, not {tokenizer}: use tokenizer=auto, "
-                         f"or prepare it again with --tokenizer={tokenizer}")
+        raise SystemExit(f"error: {folder!r} holds {tok.name} tokens, not {tokenizer}: prepare it again with python "
+                         f"data.py --src=TEXT --out={folder} --tokenizer={tokenizer} (GPT-2 weights, init_from, need "
+                         f"gpt2 tokens); without GPT-2 weights, tokenizer=auto reads these bins")
     train, val = (open_bin(folder, split, meta) for split in SPLITS)
     text = tok.decode(train[:EXCERPT].tolist())
     return Data(train, val, tok, text, None, {s: meta['splits'][s]['bytes'] for s in SPLITS},

@@ -32,17 +32,6 @@ class GPTConfig:
     dtu_r: float = 1.0       # DTU keep ratio of each head's dimensions (1 = off)
 
 
-# name -> (n_layer, n_head, n_embd); the parameter count is in the name (tests check within 10%)
-SIZES = {
-    'tiny':    (4, 4, 128),
-    'gpt2':    (12, 12, 768),     # 124M
-    'gpt2-1b': (18, 16, 2048),    # 1.01B
-    'gpt2-2b': (24, 20, 2560),    # 2.02B
-    'gpt2-3b': (36, 20, 2560),    # 2.96B
-    'bert-1b': (18, 16, 2048),    # 1.01B, bidirectional
-}
-
-
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -357,13 +346,6 @@ def mask_tokens(idx, mask_id, vocab_size, generator=None):
     inputs = torch.where(rand_pos, random_tokens, inputs)  # not inputs[rand_pos] = ...: no GPU sync
     targets = torch.where(chosen, idx, torch.full_like(idx, -1))
     return inputs, targets
-
-
-def config_for(size, vocab_size, block_size, **overrides):
-    """A GPTConfig for a named size (SIZES); bert-* sizes are bidirectional."""
-    n_layer, n_head, n_embd = SIZES[size]
-    return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
-                     block_size=block_size, causal=not size.startswith('bert'), **overrides)
 
 
 PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12,  # dense bf16 FLOP/s,

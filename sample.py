@@ -14,17 +14,22 @@ import os
 import sys
 import time
 
-import torch
-
-from configurator import DEVICE, parse_flags, validate
-from data import load_run_data, tokenizer_from_state
-from model import GPT, GPTConfig, load_checkpoint, load_model_state, mask_id
+from configurator import DEVICE, auto_device, exit_if_help, parse_flags, validate
 
 DEFAULTS = dict(out_dir='out', num_samples=5, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
-                start='', mask_steps=10, seed=1337, metrics=False, dist_samples=5000, device='cuda' if torch.cuda.is_available() else 'cpu')
+                start='', mask_steps=10, seed=1337, metrics=False, dist_samples=5000,
+                device='auto')  # auto: cuda where torch sees a GPU, else cpu
 
 VALID = dict(out_dir='PATH', num_samples='>= 1', max_new_tokens='>= 1', temperature='>= 0', top_k='>= 0', top_p='(0, 1]',
              start='any', mask_steps='>= 1', seed='>= 0', metrics='any', dist_samples='>= 2', device=DEVICE)  # configurator.py's rules, as train.py's
+
+if __name__ == '__main__':  # the config above comes before torch is imported, so that --help answers at once
+    exit_if_help(sys.argv[1:], __doc__, DEFAULTS, VALID)
+
+import torch
+
+from data import load_run_data, tokenizer_from_state
+from model import GPT, GPTConfig, load_checkpoint, load_model_state, mask_id
 
 
 @torch.no_grad()
@@ -39,7 +44,7 @@ def sample_texts(model, tok, n, max_new_tokens, temperature=1.0, top_k=0, start=
     top_k = top_k or None
     texts = []
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.startswith('cuda') else []):  # the caller's RNGs stay as they were
         torch.manual_seed(seed)
         for i in range(0, n, batch_size):
             rows = min(batch_size, n - i)
@@ -69,6 +74,7 @@ def progress(done, n, elapsed, several_batches):
 def main(argv):
     c, _ = parse_flags(DEFAULTS, argv, VALID)
     validate(c, VALID)
+    c['device'] = auto_device(c['device'])
     path = f"{c['out_dir']}/ckpt.pt"
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or not {'model_args', 'model', 'tokenizer'} <= set(ckpt):

@@ -16,7 +16,12 @@ import sys
 
 import numpy as np
 
+from configurator import exit_if_help
 from data import count_words as word_counts, read_text
+
+if __name__ == '__main__':  # before metrics.py imports torch, so that --help answers at once
+    exit_if_help(sys.argv[1:], __doc__)
+
 from metrics import COLUMNS, fmt, high_frequency_proportion, high_frequency_set, words
 
 
@@ -254,9 +259,7 @@ def spearman(a, b):
 
 def main(argv):
     """The CLI: the module docstring, which -h or --help prints; mistakes are one-line errors."""
-    if '-h' in argv or '--help' in argv:
-        print(__doc__.strip())
-        raise SystemExit(0)
+    exit_if_help(argv, __doc__)
     flags = dict(a[2:].partition('=')[::2] for a in argv if a.startswith('--'))
     dirs, text = [a for a in argv if not a.startswith('--')], 'corpus' in flags or 'text' in flags
     valid = ('corpus', 'text', 'fraction', 'fig3', 'out', 'bins', 'theorem55', 'map')

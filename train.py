@@ -17,26 +17,11 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
-import torch
+from configurator import DEVICE, auto_device, auto_dtype, exit_if_help, parse_flags, validate
 
-import distributed
-from baara import BAARA
-from configurator import DEVICE, parse_flags, validate
-from data import get_batch, load_run_data, tokenizer_from_state
-from metrics import distribution_metrics, evaluate, summary
-from model import GPT, GPTConfig, SIZES, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_id, mask_tokens, peak_flops
-from runfolder import RunLog, checkpoint_path, resumed_config, run_folder, write_atomic
-from sample import sample_texts
-from stabilize import PSU, Diagnostics, param_norm, update_norm
-
-
-def default_dtype():
-    """bfloat16 on a GPU that computes in it (compute capability 8.0 on: A100, H100, H200; ROCm), else float32.
-    T4 and V100 only emulate bf16, slower than float32, and torch.cuda.is_bf16_supported() says True there
-    unless asked without emulation. bench.py's default is this one too."""
-    native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    return 'bfloat16' if native else 'float32'
-
+# name -> (n_layer, n_head, n_embd); the parameter count is in the name (tests check within 10%)
+SIZES = {'tiny': (4, 4, 128), 'gpt2': (12, 12, 768), 'gpt2-1b': (18, 16, 2048), 'gpt2-2b': (24, 20, 2560),
+         'gpt2-3b': (36, 20, 2560), 'bert-1b': (18, 16, 2048)}  # bert-*: bidirectional
 
 DEFAULTS = dict(
     # I/O
@@ -48,7 +33,7 @@ DEFAULTS = dict(
     n_sentences=150_000, synthetic_modes=64, synthetic_zipf=1.1, synthetic_class_scale=1,  # SyntheticCorpus (README)
     # model
     model='gpt',                  # 'gpt' (causal LM) or 'bert' (masked LM)
-    size='tiny',                  # a name from model.SIZES; n_layer/n_head/n_embd set explicitly win
+    size='tiny',                  # a name from SIZES; n_layer/n_head/n_embd set explicitly win
     n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=True,
     dmu_p=1.0, dmu_mode='fix',    # DMU retention and mask kind ('prob', 'fix', 'edge'); p=1 is off
     dtu_r=1.0,                    # DTU keep ratio of head dimensions; r=1 is off
@@ -64,8 +49,8 @@ DEFAULTS = dict(
     num_samples=200, sample_tokens=64, dist_samples=5000,  # dist_samples: sentences for Thm 5.5's metrics
     temperature=1.0, top_k=0, top_p=1.0,  # their decoder (0: greedy; 0: no top-k; 1: no nucleus), also for the metrics
     # system
-    device='cuda' if torch.cuda.is_available() else 'cpu',
-    dtype=default_dtype(),          # bfloat16 on a GPU with native bf16, else float32
+    device='auto',                # cuda where torch sees a GPU, else cpu
+    dtype='auto',                 # bfloat16 on a GPU with native bf16, else float32
     compile=False, seed=1337,
     fsdp=False,                   # under torchrun: shard parameters, gradients, optimiser state (FSDP2, fully_shard)
     overwrite=False,              # a fresh run may replace the run already in out_dir (else it is refused)
@@ -86,11 +71,25 @@ VALID = dict(
     psu_lambda='[0, 1]', psu_channels='stats | params | both', psu_beta='[0, 1]',
     baara='any', baara_cost='time | flops',
     num_samples='>= 1', sample_tokens='>= 1', dist_samples='>= 2', temperature='>= 0', top_k='>= 0', top_p='(0, 1]',
-    device=DEVICE, dtype='float32 | bfloat16', compile='any', seed='>= 0', fsdp='any', overwrite='any',
+    device=DEVICE, dtype='auto | float32 | bfloat16', compile='any', seed='>= 0', fsdp='any', overwrite='any',
 )
 # Keys that fix the model's shape, data or vocabulary: a resumed run may only repeat the checkpoint's value
 SHAPE_KEYS = ('model', 'size', 'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'data', 'tokenizer',
               'n_sentences', 'synthetic_modes', 'synthetic_zipf', 'synthetic_class_scale')
+
+if __name__ == '__main__':  # the config above comes before torch is imported, so that --help answers at once
+    exit_if_help(sys.argv[1:], __doc__, DEFAULTS, VALID)
+
+import torch
+
+import distributed
+from baara import BAARA
+from data import get_batch, load_run_data, tokenizer_from_state
+from metrics import distribution_metrics, evaluate, summary
+from model import GPT, GPTConfig, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_id, mask_tokens, peak_flops
+from runfolder import RunLog, checkpoint_path, resumed_config, run_folder, write_atomic
+from sample import sample_texts
+from stabilize import PSU, Diagnostics, param_norm, update_norm
 
 
 def get_config(argv):
@@ -102,6 +101,7 @@ def get_config(argv):
     if config['init_from'] == 'resume':
         config = resumed_config(config, given, DEFAULTS, SHAPE_KEYS)
         validate(config, VALID)  # and what the checkpoint brought (its device, say)
+    config['device'], config['dtype'] = auto_device(config['device']), auto_dtype(config['dtype'])  # 'auto' -> this machine's
     if 'size' in given and config['init_from'] != 'resume':
         for key, value in zip(('n_layer', 'n_head', 'n_embd'), SIZES[config['size']]):
             config[key] = config[key] if key in given else value
@@ -109,6 +109,8 @@ def get_config(argv):
             if 'model' in given and config['model'] != 'bert':
                 raise SystemExit(f"error: size={config['size']} is a BERT size; use --model=bert or a gpt2 size")
             config['model'] = 'bert'
+    if config['model'] == 'bert' and config['init_from'] not in ('scratch', 'resume'):  # GPT-2 is a causal GPT
+        raise SystemExit(f"error: model=bert cannot start from GPT-2 weights (init_from={config['init_from']!r}); use --model=gpt")
     if config['n_embd'] % config['n_head']:
         raise SystemExit(f"error: n_embd={config['n_embd']} is not a multiple of n_head={config['n_head']} "
                          f"(each head gets n_embd // n_head dimensions)")
@@ -220,13 +222,13 @@ def run(c, rank, world):
 
     # ---- data and model: from scratch, from GPT-2's weights, or resumed from out_dir
     ckpt = load_checkpoint(checkpoint_path(c)) if c['init_from'] == 'resume' else None
-    gpt2_args, gpt2_weights = load_gpt2(c) if c['init_from'] not in ('scratch', 'resume') else (None, None)
+    gpt2_weights = load_gpt2(c) if c['init_from'] not in ('scratch', 'resume') else None
     train_ids, val_ids, tok, corpus_text, corpus = data = load_run_data(c)
     check_data(train_ids, val_ids, tok, ckpt, c)
     if ckpt is not None and len(ckpt['ranks']) != world:  # each rank's RNGs and PSU reference were saved
         raise SystemExit(f"error: the checkpoint in {c['out_dir']!r} was saved by {len(ckpt['ranks'])} process(es); "
                          f"resume it with as many (this run has {world})")
-    config = model_config(c, tok.vocab_size + (c['model'] == 'bert'), gpt2_args)  # BERT's [MASK]: one more id
+    config = model_config(c, tok.vocab_size + (c['model'] == 'bert'))  # BERT's [MASK]: one more id
     state, source = (ckpt['model'], checkpoint_path(c)) if ckpt is not None else (gpt2_weights, c['init_from'])
     raw_model = build_model(config, state, source, c, world, rank)  # state None: freshly initialised
     optimizer = raw_model.configure_optimizers(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']),
@@ -315,7 +317,7 @@ def run(c, rank, world):
 
 
 def load_gpt2(c):
-    """init_from=PATH: GPT-2's weights -> (its GPTConfig, its state dict); the run takes GPT-2's tokenizer."""
+    """init_from=PATH: GPT-2's weights -> their state dict; GPT-2's tokenizer and shape go into c (for a resume)."""
     weights = load_checkpoint(c['init_from'])
     if isinstance(weights, dict) and {'model_args', 'config', 'tokenizer'} <= set(weights):  # save_checkpoint's
         raise SystemExit(f"error: init_from={c['init_from']!r} is a checkpoint of train.py, not GPT-2 weights; to "
@@ -327,7 +329,11 @@ def load_gpt2(c):
     if args.vocab_size < 50257:
         raise SystemExit(f"error: init_from={c['init_from']!r} has {args.vocab_size} token embeddings; GPT-2 "
                          f"weights have 50257 (or a padded 50304)")
-    return args, state
+    if c['block_size'] > args.block_size:
+        raise SystemExit(f"error: block_size={c['block_size']} is more than the {args.block_size} positions of "
+                         f"init_from={c['init_from']!r}; use --block_size={args.block_size} or less")
+    c.update(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, bias=args.bias)
+    return state
 
 
 def eval_row(diag, losses, data, c):
@@ -349,12 +355,10 @@ def check_data(train_ids, val_ids, tok, ckpt, c):
         raise SystemExit(f"error: the data has {len(train_ids) + len(val_ids)} tokens, too few for block_size {c['block_size']}")
 
 
-def model_config(c, vocab_size, gpt2_args=None):
-    """The GPTConfig of this run: its own shape, or GPT-2's with the position table cropped to
-    block_size (as nanoGPT does); the paper's units (DMU, DTU) and dropout from the config."""
+def model_config(c, vocab_size):
+    """The GPTConfig of this run (GPT-2's shape for GPT-2 weights: load_gpt2 put it in c); the paper's
+    units (DMU, DTU) and dropout from the config."""
     units = dict(dropout=c['dropout'], dmu_p=c['dmu_p'], dmu_mode=c['dmu_mode'], dtu_r=c['dtu_r'])
-    if gpt2_args is not None:
-        return GPTConfig(**{**asdict(gpt2_args), **units, 'block_size': min(c['block_size'], gpt2_args.block_size)})
     return GPTConfig(n_layer=c['n_layer'], n_head=c['n_head'], n_embd=c['n_embd'], block_size=c['block_size'],
                      vocab_size=vocab_size, bias=c['bias'], causal=c['model'] == 'gpt', **units)
 
@@ -362,8 +366,10 @@ def model_config(c, vocab_size, gpt2_args=None):
 def build_model(config, state, source, c, world, rank):
     """The model on its device, loaded from `state` (read from the file `source`) or freshly
     initialised when state is None. Under FSDP it is built sharded: no rank holds the whole model."""
-    if state is not None and 'transformer.wpe.weight' in state:  # GPT-2's table, cropped to block_size
-        state = {**state, 'transformer.wpe.weight': state['transformer.wpe.weight'][:config.block_size]}
+    if state is not None:  # GPT-2's tables cropped: positions to block_size (as nanoGPT), tokens to the tokenizer's
+        rows = {'transformer.wpe.weight': config.block_size, 'transformer.wte.weight': config.vocab_size,
+                'lm_head.weight': config.vocab_size}  # (nanoGPT pads GPT-2's 50257 to 50304)
+        state = {k: v[:rows[k]] if k in rows else v for k, v in state.items()}
     if not c['fsdp']:
         model = GPT(config)
         if state is not None:

@@ -7,7 +7,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 
 import pytest
 
@@ -102,29 +101,19 @@ def test_gpu_check_defaults_are_the_gpu_runs(tmp_path, monkeypatch):
     assert os.path.dirname(bins).startswith(str(tmp_path))
 
 
-EMULATED = """
-import importlib, sys, torch
-sys.path.insert(0, {root!r})
-torch.cuda.is_available = lambda: True
-for native in (False, True):  # a T4/V100 (bf16 only emulated), then an A100/H100
-    torch.cuda.is_bf16_supported = lambda including_emulation=True, native=native: native or including_emulation
-    import train, bench
-    importlib.reload(train), importlib.reload(bench)
-    print(train.DEFAULTS['dtype'], bench.BENCH['dtype'])
-"""
-
-
 def test_bf16_default_only_where_bf16_is_native(monkeypatch):
-    """torch.cuda.is_bf16_supported() says True on GPUs that only emulate bf16 (T4, V100); there the default
-    dtype of train.py and bench.py is float32. (A subprocess: DEFAULTS and BENCH are made at import.)"""
+    """torch.cuda.is_bf16_supported() says True on GPUs that only emulate bf16 (T4, V100); there dtype 'auto',
+    train.py's and bench.py's default, is float32. get_config resolves 'auto' (the device's too) once, so the
+    run's config, checkpoints and report hold what the run had."""
+    import bench
     import train
+    from configurator import auto_dtype
+    assert train.DEFAULTS['dtype'] == bench.BENCH['dtype'] == 'auto' == train.DEFAULTS['device'] == bench.BENCH['device']
     monkeypatch.setattr('torch.cuda.is_available', lambda: True)
     monkeypatch.setattr('torch.cuda.is_bf16_supported', lambda including_emulation=True: including_emulation)
-    assert train.default_dtype() == 'float32'
+    assert (train.get_config([])['device'], train.get_config([])['dtype']) == ('cuda', 'float32')
     monkeypatch.setattr('torch.cuda.is_bf16_supported', lambda including_emulation=True: True)
-    assert train.default_dtype() == 'bfloat16'
+    assert train.get_config([])['dtype'] == 'bfloat16' and auto_dtype('float32') == 'float32'
+    assert train.get_config(['--device=cpu'])['dtype'] == 'bfloat16'  # as before 'auto': the GPU's, whatever the device
     monkeypatch.setattr('torch.cuda.is_available', lambda: False)
-    assert train.default_dtype() == 'float32'
-    r = subprocess.run([sys.executable, '-c', EMULATED.format(root=ROOT)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split('\n')[:2] == ['float32 float32', 'bfloat16 bfloat16']
+    assert (train.get_config([])['device'], train.get_config([])['dtype']) == ('cpu', 'float32')

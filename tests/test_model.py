@@ -256,14 +256,20 @@ def test_bert_mask_proportions():
 
 # ---------------------------------------------------------------- named sizes
 
+def config_for(size, vocab_size, block_size):
+    """The GPTConfig of a named size (train.SIZES, beside the keys it sets); bert-* sizes are bidirectional."""
+    from train import SIZES  # here: test files that never train do not import train
+    n_layer, n_head, n_embd = SIZES[size]
+    return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size, block_size=block_size,
+                     causal=not size.startswith('bert'))
+
+
 @pytest.mark.parametrize('size,target', [('gpt2', 124e6), ('gpt2-1b', 1e9), ('gpt2-2b', 2e9),
                                          ('gpt2-3b', 3e9), ('bert-1b', 1e9)])
 def test_named_size_parameter_counts(size, target):
     """Within 10% of the name, counted on the meta device (GPT-2 vocabulary and context)."""
     vocab = 50257 + size.startswith('bert')
-    config = M.config_for(size, vocab, 1024)
-    assert config.causal == (not size.startswith('bert'))
-    n = M.count_params(config)
+    n = M.count_params(config_for(size, vocab, 1024))
     assert abs(n - target) / target < 0.10, f"{size}: {n / 1e6:.1f}M"
 
 
@@ -279,16 +285,16 @@ def test_count_params_never_allocates_a_weight(monkeypatch):
 
     monkeypatch.setattr(torch.nn.Parameter, '__new__', meta_only)
     L, d, V, T = 36, 2560, 50257, 1024  # gpt2-3b: per block 12 d^2 + 13 d, plus embeddings, ln_f
-    assert M.count_params(M.config_for('gpt2-3b', V, T)) == L * (12 * d * d + 13 * d) + (V + T + 2) * d
+    assert M.count_params(config_for('gpt2-3b', V, T)) == L * (12 * d * d + 13 * d) + (V + T + 2) * d
     monkeypatch.undo()
-    assert M.count_params(M.config_for('tiny', 50, 16)) == GPT(M.config_for('tiny', 50, 16)).get_num_params()
+    assert M.count_params(config_for('tiny', 50, 16)) == GPT(config_for('tiny', 50, 16)).get_num_params()
 
 
 def test_mfu_counts_palm_flops_per_token_against_the_gpu_peak():
     """GPT-2 124M at context 1024: 6N + 12*L*H*Q*T = 6 * 123,653,376 (the parameters less the
     position table) + 12*12*12*64*1024 = 855,166,464 FLOPs a token (PaLM, App. B)."""
     with torch.device('meta'):
-        m = GPT(M.config_for('gpt2', 50257, 1024))
+        m = GPT(config_for('gpt2', 50257, 1024))
     assert m.get_num_params() == 124_439_808
     assert m.estimate_mfu(1e5, 989e12) == pytest.approx(855_166_464 * 1e5 / 989e12)
     names = ('NVIDIA H100 80GB HBM3', 'NVIDIA H100 PCIe', 'NVIDIA H100 NVL', 'NVIDIA H200', 'NVIDIA A100-SXM4-80GB')
