@@ -9,12 +9,16 @@ Each row steps two training setups alternately (A, B, A, B, ...) and reports the
 step time over that of the A step just before it, so that a busy machine, or one whose speed
 drifts, slows both alike. A step is train.train_step, the step train.py's loop takes: batch ->
 forward (+ PSU's feedback loss) -> backward -> (BAARA's act) -> clip -> AdamW -> (BAARA's finish)
--> (PSU's pull); the logged-step extras every log_interval are left out. One row trains from prepared
+-> (PSU's pull); one row times a logged step (every log_interval: train_step measuring, then
+train.logged_numbers) against an unlogged one at GPT-2 124M. One row trains from prepared
 bins (memory-mapped) against the same tokens in memory; one line times data.prepare (GPT-2 BPE). Setups with periodic
 work (BAARA's reference gradient every REF_EVERY steps) are timed over whole periods. The
-sampling row steps train.py's end-of-run sampling instead, with and without the key/value cache.
+sampling row steps train.py's end-of-run sampling instead, with and without the key/value cache;
+the AdamW rows the optimiser step alone, fused against torch's default (foreach); with
+--nanogpt=PATH to nanoGPT's model.py, one row steps our model against nanoGPT's at the same shape.
 On a GPU it adds torch.compile against eager, tokens/s and MFU at GPT-2 size (124M, bf16).
 """
+import importlib.util
 import math
 import os
 import platform
@@ -29,9 +33,12 @@ from configurator import DEVICE, auto_device, auto_dtype, exit_if_help, parse_fl
 BENCH = dict(steps=25, warmup=3, seed=1337, metrics_words=1_000_000, distribution_n=5000,
              prepare_mb=10.0,  # MB of text for the data.prepare line
              threads=0,  # torch CPU threads; 0 = torch's default. On a shared machine 1 gives steadier ratios
+             logged_size='gpt2', logged_batch=1, logged_block=64,  # the logged / unlogged row: GPT-2 124M, 1x64 tokens
+             nanogpt='',  # PATH to nanoGPT's model.py for the row against it ('' skips that row)
              device='auto',  # cuda where torch sees a GPU, else cpu
              dtype='auto')  # train.py's: bfloat16 on a GPU with native bf16, else float32
 RULES = dict(steps='>= 1', warmup='>= 0', seed='>= 0', metrics_words='>= 1', distribution_n='>= 2', prepare_mb='> 0', threads='>= 0',
+             logged_size='tiny | gpt2', logged_batch='>= 1', logged_block='>= 1', nanogpt='any',
              device=DEVICE, dtype='auto | float32 | bfloat16')  # configurator.py's rules, as train.py's
 
 if __name__ == '__main__':  # the config above comes before torch is imported, so that --help answers at once
@@ -74,11 +81,72 @@ class Setup:
         self.gen = torch.Generator().manual_seed(b['seed'])
         self.tokens = c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
 
-    def step(self):
+    def step(self, logged=False):
+        """train.py's step; logged: as on its logged steps, measuring, then the loss and train.logged_numbers."""
         c = self.c
-        train.train_step(self.forward, self.optimizer, lambda: train.batch(self.ids, c, self.tok, self.gen, self.device),
-                         c['learning_rate'], self.psu, self.baara, c['gradient_accumulation_steps'], c['grad_clip'],
-                         self.ctx)
+        loss, grad_norm, update, logits, y = train.train_step(
+            self.forward, self.optimizer, lambda: train.batch(self.ids, c, self.tok, self.gen, self.device),
+            c['learning_rate'], self.psu, self.baara, c['gradient_accumulation_steps'], c['grad_clip'], self.ctx, logged)
+        if logged:
+            loss.item()
+            train.logged_numbers(grad_norm, update, logits, y, self.psu, self.baara)
+
+
+class Logged:
+    """A Setup stepped as train.py's logged steps: paired with the Setup itself, the same model alternates."""
+
+    def __init__(self, setup):
+        self.setup, self.period, self.tokens = setup, setup.period, setup.tokens
+
+    def step(self):
+        self.setup.step(logged=True)
+
+
+class AdamWSetup:
+    """The optimiser step alone on train.py's AdamW groups, default (foreach) or fused: every step
+    the same gradients (seeded; A and B build the same parameters) on a model of the given shape."""
+
+    def __init__(self, b, fused, n_layer, n_embd, vocab):
+        torch.manual_seed(b['seed'])
+        self.model = GPT(GPTConfig(n_layer=n_layer, n_head=4, n_embd=n_embd, vocab_size=vocab)).to(b['device'])
+        for p in self.model.parameters():
+            p.grad = 1e-3 * torch.randn_like(p)
+        groups = self.model.configure_optimizers(0.1, 3e-3, (0.9, 0.99), 'cpu').param_groups
+        self.optimizer = torch.optim.AdamW([dict(params=g['params'], weight_decay=g['weight_decay']) for g in groups],
+                                           lr=3e-3, betas=(0.9, 0.99), fused=fused)
+        self.period, self.tokens = 1, 0
+
+    def step(self):
+        self.optimizer.step()
+
+
+class NanoGPTSetup:
+    """nanoGPT's model.py at the tiny model's shape, stepped as its train.py steps (forward, backward,
+    clip 1.0, its AdamW) on the same batches as Setup. Its MLP's GELU is exact (erf), ours tanh's."""
+
+    def __init__(self, path, data, b):
+        spec = importlib.util.spec_from_file_location('nanogpt_model', path)
+        nano = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(nano)
+        d, (self.ids, tok) = train.DEFAULTS, data
+        self.c = {**d, 'device': b['device']}
+        torch.manual_seed(b['seed'])
+        self.model = nano.GPT(nano.GPTConfig(n_layer=d['n_layer'], n_head=d['n_head'], n_embd=d['n_embd'], bias=d['bias'],
+                                             block_size=d['block_size'], vocab_size=tok.vocab_size, dropout=0.0))
+        self.model.to(b['device'])
+        self.optimizer = self.model.configure_optimizers(d['weight_decay'], d['learning_rate'], (d['beta1'], d['beta2']),
+                                                         b['device'].split(':')[0])
+        self.tok, self.gen, self.period = tok, torch.Generator().manual_seed(b['seed']), 1
+        self.tokens, self.ctx = d['batch_size'] * d['block_size'], train.autocast_context(b['dtype'], b['device'])
+
+    def step(self):
+        x, y = (t.contiguous() for t in train.batch(self.ids, self.c, self.tok, self.gen, self.c['device']))  # nanoGPT views them
+        with self.ctx:
+            _, loss = self.model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.c['grad_clip'])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 class MLPSetup:
@@ -224,11 +292,16 @@ def prepare_speed(corpus_text, mb, folder):
 GPT2 = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=8, dropout=0.0)
 
 
+def random_tokens(vocab):
+    """(ids, tokenizer) of random tokens for the rows at GPT-2 size: timing ignores the data."""
+    ids = np.random.default_rng(0).integers(vocab - 47, size=2_000_000).astype(np.int32)
+    return ids, SimpleNamespace(vocab_size=vocab, eot=None)
+
+
 def gpu_rows(b, pair, size=GPT2, label='GPT-2 124M', vocab=50304):
     """compile against eager, tokens/s and MFU, and the units at GPT-2 size (where they save real
     work on a GPU; the tiny model is launch-bound there). Random tokens: timing ignores the data."""
-    ids = np.random.default_rng(0).integers(vocab - 47, size=2_000_000).astype(np.int32)
-    data = (ids, SimpleNamespace(vocab_size=vocab, eot=None))
+    data = random_tokens(vocab)
     what = f"{label} ({size['batch_size']}x{size['block_size']} tokens)"
     eager, comp = Setup(data, b, **size), Setup(data, b, compile=True, **size)
     t_eager, t_comp = pair(f'compile / eager, {what}', eager, comp)
@@ -242,6 +315,26 @@ def gpu_rows(b, pair, size=GPT2, label='GPT-2 124M', vocab=50304):
     pair(f'DTU r=0.5 / r=1, {what}', eager, Setup(data, b, dtu_r=0.5, **size))
     pair(f'PSU lambda=0.2 both / off, {what}', eager, Setup(data, b, psu_lambda=0.2, **size), 1.05)
     return f"{label}, {b['dtype']}: " + '; '.join(parts)
+
+
+def logged_rows(b, pair):
+    """A logged step (train_step measuring ||theta_t - theta_{t-1}||, the entropy and the log's host
+    syncs) over an unlogged one, on one model at logged_size (GPT-2 124M: few steps, each takes seconds)."""
+    n_layer, n_head, n_embd = train.SIZES[b['logged_size']]
+    size = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, batch_size=b['logged_batch'], block_size=b['logged_block'])
+    setup = Setup(random_tokens(50304), b, **size)
+    label = f"{b['logged_size']} ({setup.model.get_num_params() / 1e6:.0f}M), {size['batch_size']}x{size['block_size']} tokens"
+    pair(f'logged / unlogged step, {label}', setup, Logged(setup), 1.05, steps=min(b['steps'], 3))
+
+
+def nanogpt_row(b, data, tiny, pair, rows):
+    """Our train step against nanoGPT's at the same shape, when --nanogpt names its model.py."""
+    if not b['nanogpt'] or not os.path.isfile(b['nanogpt']):
+        reason = f"no file {b['nanogpt']!r}" if b['nanogpt'] else 'no --nanogpt=PATH to its model.py'
+        rows.append(('model step vs nanoGPT', None, None, f'skipped: {reason}', None))
+        print(f'  model step vs nanoGPT: skipped ({reason})', flush=True)
+        return
+    pair(f'model step ours / nanoGPT, {tiny}', NanoGPTSetup(b['nanogpt'], data, b), Setup(data, b))
 
 
 def main(argv):
@@ -279,6 +372,12 @@ def main(argv):
     with tempfile.TemporaryDirectory() as folder:  # the bins are read while the pair steps
         in_memory, from_bins = bins_data(corpus_text, folder)
         pair(f'train step from bins / from memory, {tiny}', Setup(in_memory, b), Setup(from_bins, b), 1.02)
+    for n_layer, n_embd in ((d['n_layer'], d['n_embd']), (8, 192)):  # the tiny model, and 3.6M parameters
+        a = AdamWSetup(b, False, n_layer, n_embd, tok.vocab_size)
+        pair(f"AdamW step fused / default, {n_layer}x{n_embd} ({a.model.get_num_params() / 1e6:.2f}M parameters)",
+             a, AdamWSetup(b, True, n_layer, n_embd, tok.vocab_size))
+    logged_rows(b, pair)
+    nanogpt_row(b, data, tiny, pair, rows)
     pair(f"sampling, cached / uncached, {d['num_samples']} x {d['sample_tokens']} tokens of the tiny model ({d['n_layer']}x{d['n_embd']})",
          SamplingSetup(data, b, use_cache=False), SamplingSetup(data, b, use_cache=True), 0.3,
          steps=min(b['steps'], 5))  # an uncached step takes seconds

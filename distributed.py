@@ -42,6 +42,11 @@ def flat(tensors):
     return torch.cat([local(t.detach()).reshape(-1) for t in tensors])
 
 
+def pieces(t, n):
+    """This rank's shard of t (all of t without FSDP), detached and flat, as views of n elements each."""
+    return local(t.detach()).reshape(-1).split(n)
+
+
 def whole(part, like):
     """The whole tensor shaped like `like`, given `part`: its flat local shard if `like` is a
     DTensor (then a collective: every rank must call it), or all of it otherwise."""

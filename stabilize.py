@@ -21,13 +21,15 @@ channels sharing one gain lambda (the paper leaves the rest open; this is our re
 lambda = 0 switches both off and train.py then never calls them: bit-identical to no PSU.
 """
 import math
+from itertools import repeat
 
 import torch
 import torch.nn.functional as F
 
-from distributed import copy_full_, full_tensor, gather_to_cpu
+from distributed import copy_full_, full_tensor, gather_to_cpu, is_sharded, pieces, sum_shards_
 
 SCALE_FLOOR = 0.05
+PIECE = 1 << 18  # elements of a tensor that the logged step's measurements hold at a time (1 MiB in fp32)
 
 
 class PSU:
@@ -67,11 +69,16 @@ class PSU:
     @torch.no_grad()
     def pull(self, measure=False):
         """The parameter channel: move theta_bar toward theta, then theta toward theta_bar.
-        measure=True (logged steps) also keeps the pull's norm lambda * ||theta_bar - theta||."""
+        measure=True (logged steps) also keeps the pull's norm lambda * ||theta_bar - theta||, one
+        parameter's difference at a time; update_norm has measured the pull before (pending_pull)."""
         torch._foreach_lerp_(self.ema, self.params, 1 - self.beta)
         if measure:
-            self.last['pull_norm'] = self.lam * global_norm(torch._foreach_sub(self.ema, self.params))
+            self.last['pull_norm'] = self.lam * global_norm(e - p for e, p in zip(self.ema, self.params))
         torch._foreach_lerp_(self.params, self.ema, self.lam)  # theta + lambda * (theta_bar - theta)
+
+    def pending_pull(self, theta, theta_bar):
+        """What pull() will add to theta (a piece of a parameter, its EMA's piece theta_bar): lambda (theta_bar' - theta)."""
+        return theta_bar.lerp(theta, 1 - self.beta).sub_(theta).mul_(self.lam)
 
     def log(self):
         """Numbers for the JSON-lines log (this is the only place PSU syncs with the device)."""
@@ -130,9 +137,19 @@ class NextTokenStats(torch.autograd.Function):
         return grad_logits, None
 
 
+@torch.no_grad()
+def predictive_entropy(logits, targets):
+    """PSU.statistics' entropy (the mean over the positions with a target) from NextTokenStats on PIECE //
+    vocabulary rows at a time: fp32 temporaries of a few MiB, not logits-sized, at any batch and vocabulary."""
+    z, weight = logits.flatten(0, -2), (targets.reshape(-1) != -1).float()
+    rows = max(1, PIECE // z.size(-1))
+    total = sum((NextTokenStats.apply(a.float(), None)[:, 0] * w).sum() for a, w in zip(z.split(rows), weight.split(rows)))
+    return total / weight.sum().clamp_min(1)
+
+
 def global_norm(tensors):
-    """||concat(tensors)||_2 as a 0-dim tensor (no host sync); over all shards for FSDP's DTensors."""
-    return full_tensor(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))))
+    """||concat(tensors)||_2, 0-dim (no host sync), over FSDP's shards; from a generator, one tensor at a time."""
+    return full_tensor(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])))
 
 
 class Diagnostics:
@@ -140,7 +157,7 @@ class Diagnostics:
     plus the smoothness of the loss curve.
 
     record() is called at every eval with ||theta|| now, ||g|| of the step just taken and the update
-    norm of the latest logged step (measuring it needs a parameter copy, so train.py takes it every
+    norm of the latest logged step (train.py measures it on logged steps, every
     log_interval steps only: an eval right after a logged step repeats its update norm). verdict() judges
     the last half of the records (at least 4 are needed): the run is "stable" when
       (1) bounded: the largest parameter norm in the last half is at most 1.1 x the first one
@@ -195,9 +212,39 @@ def std(xs):
     return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
 
 
-def update_norm(params, before):
-    """||theta_t - theta_{t-1}|| given a snapshot taken before the step."""
-    return global_norm(torch._foreach_sub([p.detach() for p in params], before))
+@torch.no_grad()
+def update_norm(optimizer, psu=None):
+    """||theta_t - theta_{t-1}|| of the step being taken, with no parameter copy: AdamW's step rebuilt
+    from its state (adamw_step) plus PSU's pull to come (pending_pull). Call it right after optimizer.step(),
+    while the gradients mark the parameters AdamW moved (BAARA's P_S leaves some without: AdamW skips
+    them). Read in pieces of PIECE elements; under FSDP the shards' squares are summed over the ranks."""
+    theta_bar = dict(zip(psu.params, psu.ema)) if psu is not None and psu.params_on else {}
+    squares = []
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            if p.grad is None and p not in theta_bar:
+                continue  # neither AdamW nor PSU moves it
+            steps = adamw_step(p, optimizer.state[p], group) if p.grad is not None else repeat(0)
+            bars = pieces(theta_bar[p], PIECE) if p in theta_bar else repeat(None)
+            for theta, d, bar in zip(pieces(p, PIECE), steps, bars):
+                if bar is not None:
+                    d = d + psu.pending_pull(theta, bar)
+                squares.append(torch.linalg.vector_norm(d) ** 2)
+    return sum_shards_(torch.stack(squares).sum(), is_sharded(optimizer.param_groups[0]['params'])).sqrt()
+
+
+def adamw_step(p, state, group):
+    """theta' - theta_{t-1} of the parameter p that torch.optim.AdamW (decoupled weight decay) has just
+    stepped, in pieces of PIECE elements. With its group's lr, wd (BAARA may have scaled lr), k = state['step']:
+        theta' = theta_{t-1} (1 - lr wd) - u,   u = lr / (1 - beta1^k) * m / (sqrt(v / (1 - beta2^k)) + eps)
+    (m, v: the updated moments), so theta' - theta_{t-1} = -(lr wd theta' + u) / (1 - lr wd)."""
+    assert not group['amsgrad'] and not group['maximize'], 'update_norm rebuilds plain AdamW steps'
+    lr, wd, (beta1, beta2), eps = group['lr'], group['weight_decay'], group['betas'], group['eps']
+    k = float(state['step'])
+    step_size, bc2_sqrt = lr / (1 - beta1 ** k), math.sqrt(1 - beta2 ** k)
+    for theta, m, v in zip(pieces(p, PIECE), pieces(state['exp_avg'], PIECE), pieces(state['exp_avg_sq'], PIECE)):
+        denom = v.sqrt().div_(bc2_sqrt).add_(eps)
+        yield torch.addcdiv(theta * (lr * wd), m, denom, value=step_size).div_(lr * wd - 1)
 
 
 def param_norm(params):

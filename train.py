@@ -89,7 +89,7 @@ from metrics import distribution_metrics, evaluate, summary
 from model import GPT, GPTConfig, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_id, mask_tokens, peak_flops
 from runfolder import RunLog, checkpoint_path, resumed_config, run_folder, write_atomic
 from sample import sample_texts
-from stabilize import PSU, Diagnostics, param_norm, update_norm
+from stabilize import PSU, Diagnostics, param_norm, predictive_entropy, update_norm
 
 
 def get_config(argv):
@@ -170,8 +170,9 @@ def train_step(model, optimizer, next_batch, lr, psu=None, baara=None, accum=1, 
                ctx=nullcontext(), measure=False):
     """One optimisation step, the one that train.py's loop, bench.py and baara.theorem_b1 all take.
     next_batch() -> (x, y) is called once per micro-step; grad_clip 0 is no clipping; measure
-    (logged steps) also keeps PSU's pull norm. Returns the last micro-batch's loss (PSU's feedback
-    included), the gradient norm before clipping, and that micro-batch's logits and targets."""
+    (logged steps) also measures ||theta_t - theta_{t-1}|| (else None) and PSU's pull. Returns the last
+    micro-batch's loss (PSU's feedback included), ||g|| before clipping, that update norm, and the
+    micro-batch's logits and targets."""
     for group in optimizer.param_groups:
         group['lr'] = lr
     if baara:
@@ -196,6 +197,7 @@ def train_step(model, optimizer, next_batch, lr, psu=None, baara=None, accum=1, 
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf))
     optimizer.step()
+    update = update_norm(optimizer, psu) if measure else None  # Def. 3.1's ||theta_t - theta_{t-1}||, no copy
     if baara:
         baara.finish()  # v_b (eq. 65), read by the next step's act()
     optimizer.zero_grad(set_to_none=True)
@@ -203,7 +205,15 @@ def train_step(model, optimizer, next_batch, lr, psu=None, baara=None, accum=1, 
     # ---- PSU's pull: theta <- theta + lambda * (theta_bar - theta), the parameter channel
     if psu and psu.params_on:
         psu.pull(measure=measure)
-    return loss, grad_norm, logits, y
+    return loss, grad_norm, update, logits, y
+
+
+def logged_numbers(grad_norm, update, logits, y, psu, baara=None):
+    """A logged step's numbers after its loss, lr and speed (host syncs): entropy for Fig. 3 (PSU's statistics
+    have it when on), ||g||, ||theta_t - theta_{t-1}||, PSU's and BAARA's. bench.py times this too."""
+    entropy = psu.last['stats'][0] if psu.stats_on else predictive_entropy(logits, y)
+    return dict(entropy=entropy.item(), grad_norm=grad_norm.item(), update_norm=update.item(), **psu.log(),
+                **(baara.log() if baara else {}))
 
 
 def main(argv):
@@ -278,8 +288,7 @@ def run(c, rank, world):
         # ---- one step (train_step): forward, PSU feedback, backward, BAARA's action, AdamW, PSU's pull
         lr = get_lr(iter_num, c)
         logging = iter_num % c['log_interval'] == 0
-        before = [p.detach().clone() for p in params] if logging else None  # for ||theta_t - theta_{t-1}||
-        loss, latest['grad_norm'], logits, y = train_step(
+        loss, latest['grad_norm'], update, logits, y = train_step(
             model, optimizer, lambda: batch(train_ids, c, tok, data_gen, device), lr, psu, baara,
             c['gradient_accumulation_steps'], c['grad_clip'], ctx, measure=logging)
         nonfinite |= ~torch.isfinite(loss.detach())
@@ -287,7 +296,7 @@ def run(c, rank, world):
 
         # ---- log: this step's numbers (a host sync, so every log_interval steps only)
         if logging:
-            latest['update_norm'] = update_norm(params, before)
+            latest['update_norm'] = update
             lossf = loss.item()
             if not math.isfinite(lossf):
                 stop_nonfinite(iter_num, c)
@@ -298,11 +307,8 @@ def run(c, rank, world):
             eta = {'eta_s': round((now - t_start) / done * (c['max_iters'] - iter_num - 1))} if done >= 5 else {}
             t_log, steps_timed = now, 0
             if master:
-                entropy = psu.statistics(logits.detach(), y)[0].item()  # for Fig. 3, with or without PSU
                 log.write(dict(iter=iter_num, loss=lossf, lr=lr, tok_per_s=round(tok_s), **eta,
-                               entropy=entropy, grad_norm=latest['grad_norm'].item(),
-                               update_norm=latest['update_norm'].item(), **psu.log(),
-                               **(baara.log() if baara else {}),
+                               **logged_numbers(latest['grad_norm'], update, logits, y, psu, baara),
                                **({'mfu': raw_model.estimate_mfu(tok_s / world, peak)} if peak else {}),
                                **({'peak_mem_gib': torch.cuda.max_memory_allocated(device) / 2**30} if cuda else {})))
         iter_num += 1
@@ -383,7 +389,7 @@ def build_model(config, state, source, c, world, rank):
 
 def fresh_latest():
     """What the next eval's Def. 3.1 record reads: the last 50 logged losses, ||g|| of the latest
-    step and ||theta_t - theta_{t-1}|| of the latest logged step (it needs a parameter copy)."""
+    step and ||theta_t - theta_{t-1}|| of the latest logged step (measured on logged steps only)."""
     return dict(losses=[], grad_norm=torch.zeros(()), update_norm=torch.zeros(()))
 
 

@@ -8,25 +8,28 @@ import torch
 
 import bench
 
-ROW = re.compile(r'^(DMU|DTU|PSU|BAARA|train step from bins) .*\s(\d+\.\d) +(\d+\.\d)  (\d+\.\d{3})(?:  goal <= ([\d.]+): (met|NOT met))?$',
+ROW = re.compile(r'^(DMU|DTU|PSU|BAARA|train step from bins|AdamW step fused / default|logged / unlogged step)[ ,].*\s(\d+\.\d) +(\d+\.\d)  (\d+\.\d{3})(?:  goal <= ([\d.]+): (met|NOT met))?$',
                  re.M)
 
 
 def test_bench_prints_every_row(capsys):
     """With one timed step the B/A ratio is B's time over A's, both printed (in ms, to 0.1): the
     ratio must agree with them to their rounding, and a goal is met exactly when ratio <= goal."""
-    bench.main(['--steps=1', '--warmup=0', '--metrics_words=2000', '--distribution_n=50', '--prepare_mb=0.5', '--device=cpu', '--dtype=float32'])
+    bench.main(['--steps=1', '--warmup=0', '--metrics_words=2000', '--distribution_n=50', '--prepare_mb=0.5', '--device=cpu', '--dtype=float32',
+                '--logged_size=tiny', '--logged_batch=2', '--logged_block=16'])  # the logged row at a tiny size, not 124M
     out = capsys.readouterr().out
     assert out.startswith('machine: ')
     rows = ROW.findall(out)
     assert [(name, goal) for name, _, _, _, goal, _ in rows] == [
-        ('DMU', '0.65'), ('DMU', ''), ('DTU', ''), ('PSU', '1.05'), ('BAARA', '1.1'), ('train step from bins', '1.02')]
+        ('DMU', '0.65'), ('DMU', ''), ('DTU', ''), ('PSU', '1.05'), ('BAARA', '1.1'), ('train step from bins', '1.02'),
+        ('AdamW step fused / default', ''), ('AdamW step fused / default', ''), ('logged / unlogged step', '1.05')]
     for name, a, b, ratio, goal, verdict in rows:
         a, b, ratio = float(a), float(b), float(ratio)
         assert a > 0 and b > 0
-        assert ratio == pytest.approx(b / a, rel=0.05 / a + 0.05 / b, abs=5e-4), name
+        assert ratio == pytest.approx(b / a, abs=5e-4 + b / a * (0.05 / a + 0.05 / b)), name  # both roundings add up
         if goal and abs(ratio - float(goal)) > 5e-4:  # not a tie hidden by the rounding
             assert (verdict == 'met') == (ratio <= float(goal)), name
+    assert re.search(r'^model step vs nanoGPT +skipped: no --nanogpt=PATH', out, re.M)  # no nanoGPT here: a reason
     assert re.search(r'^tokens/s, MFU +[\d,]+ tok/s', out, re.M)
     assert re.search(r'^text metrics on 0.002M words +[\d.]+ s for', out, re.M)
     assert re.search(r'^distribution metrics on 50 sentences +[\d.]+ s \(forward KL [\d.]+, 50 samples\)', out, re.M)

@@ -159,3 +159,97 @@ def test_verdict_judges_the_last_half_only():
     assert diagnostics(**{k: v[:3] for k, v in STABLE.items()}).verdict()['verdict'] == 'undetermined'
     assert diagnostics(**{k: v[:4] for k, v in STABLE.items()}).verdict()['verdict'] == 'stable'
     assert slope([1, 2, 3]) == pytest.approx(1.0)
+
+
+# -----------------------------------------------------------------------------
+# the logged step's measurements: ||theta_t - theta_{t-1}|| without a parameter copy, entropy in pieces
+
+def tiny_training(wd, lam, baara_on, vocab=None, seed=0):
+    """A 2-layer model, its AdamW, PSU and (BAARA), and a next_batch: train.py's parts, in this process."""
+    import numpy as np
+    import train
+    from baara import BAARA
+    from data import load_data
+    from model import GPT, GPTConfig
+    ids, _, tok, _, _ = load_data('synthetic', 'word', n_sentences=5000)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64 if vocab else 32, block_size=16, vocab_size=vocab or tok.vocab_size))
+    optimizer = model.configure_optimizers(wd, 3e-3, (0.9, 0.99), 'cpu')
+    psu = PSU(model.parameters(), lam, 0.99, 'both', tok.eot)
+    c, gen = {**train.DEFAULTS, 'batch_size': 8, 'block_size': 16}, torch.Generator().manual_seed(seed)
+    baara = BAARA(model, np.bincount(ids), seed, lambda g: train.batch(ids, c, tok, g, 'cpu'), 'flops') if baara_on else None
+    return model, optimizer, psu, baara, lambda: train.batch(ids, c, tok, gen, 'cpu')
+
+
+@pytest.mark.parametrize('wd, lam, baara_on', [(0.0, 0.0, False), (0.1, 0.0, False), (0.1, 0.2, False), (0.1, 0.2, True)],
+                         ids=['adamw', 'weight decay', 'psu params', 'baara'])
+def test_update_norm_is_the_snapshot_difference(wd, lam, baara_on):
+    """train_step(measure=True)'s update norm, rebuilt from AdamW's state (and PSU's pull), is the old
+    ||theta_t - theta_{t-1}|| of a parameter copy, over 30 steps. Bound: the copy's difference carries
+    the rounding of the stored theta_t, half an ulp (2^-24 relative) per element at each of AdamW's two
+    roundings (decay, addcdiv) and PSU's pull: 3 * 2^-24 * ||theta_t||, here about 2e-6 (updates ~0.1)."""
+    import train
+    from stabilize import global_norm, param_norm
+    model, optimizer, psu, baara, next_batch = tiny_training(wd, lam, baara_on)
+    params, scopes = list(model.parameters()), set()
+    for _ in range(30):
+        before = [p.detach().clone() for p in params]
+        _, _, update, _, _ = train.train_step(model, optimizer, next_batch, 3e-3, psu, baara, measure=True)
+        snapshot = global_norm([p.detach() - b for p, b in zip(params, before)])
+        assert update.item() == pytest.approx(snapshot.item(), abs=3 * 2 ** -24 * param_norm(params).item(), rel=0)
+        scopes.add(baara.last['scope'] if baara else 'all')
+    assert scopes == ({'all', 'top'} if baara_on else {'all'})  # with BAARA, steps that froze blocks were checked
+
+
+class LargestNewTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """The bytes of the largest tensor that the ops run under it allocate (an output that shares no
+    input's storage: views and in-place results do not count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = lambda tree: [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in flat((args, kwargs))}
+        for t in flat(out):
+            if t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize('lam', [0.0, 0.2], ids=['psu off', 'psu both'])
+def test_logged_step_allocates_no_parameter_or_logits_sized_tensor(lam, monkeypatch):
+    """What a logged step measures (train_step's update_norm, then logged_numbers: the entropy, the
+    host syncs) allocates no tensor over PIECE floats (1 MiB), a quarter of the embedding (16384 x 64
+    floats, 4 MiB) and an eighth of the logits (8 x 16 x 16384, 8 MiB): no copy of the parameters or
+    of the logits, at any model size."""
+    import train
+    from stabilize import PIECE, update_norm
+    model, optimizer, psu, _, _ = tiny_training(0.1, lam, False, vocab=16384)
+    x = torch.randint(16384, (8, 16), generator=torch.Generator().manual_seed(0))
+    mode = LargestNewTensor()
+
+    def measured(*args):
+        with mode:
+            return update_norm(*args)
+    monkeypatch.setattr(train, 'update_norm', measured)
+    for _ in range(2):
+        _, grad_norm, update, logits, y = train.train_step(model, optimizer, lambda: (x, x), 3e-3, psu, measure=True)
+        with mode:
+            train.logged_numbers(grad_norm, update, logits, y, psu)
+    assert model.transformer.wte.weight.numel() >= 4 * PIECE and logits.numel() >= 8 * PIECE
+    assert 0 < mode.largest <= 4 * PIECE, mode.largest
+
+
+def test_predictive_entropy_is_psu_entropy(monkeypatch):
+    """The logged entropy without PSU (predictive_entropy, in pieces of rows) is PSU.statistics' own,
+    over the positions with a target (BERT's -1 left out), to float32 summation order: 1e-6 relative."""
+    import stabilize
+    monkeypatch.setattr(stabilize, 'PIECE', 3 * 50)  # 3 rows a piece: 24 rows in 8 pieces
+    logits = 3 * torch.randn(4, 6, 50, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(50, (4, 6), generator=torch.Generator().manual_seed(1))
+    targets[0, :4] = targets[2, 5] = -1
+    psu = PSU([torch.zeros(1)], 0.1, 0.99, 'stats', eot=0)
+    assert stabilize.predictive_entropy(logits, targets).item() == pytest.approx(psu.statistics(logits, targets)[0].item(), rel=1e-6)
