@@ -425,6 +425,14 @@ def count_words(text):
 # -----------------------------------------------------------------------------
 # prepared bins: DIR/train.bin, DIR/val.bin, DIR/meta.json (written by prepare, below)
 
+def check_data(train_ids, val_ids, tok, ckpt, c):
+    """train.py's check of its data against a resumed checkpoint and its block_size (one-line errors)."""
+    if ckpt is not None and tokenizer_from_state(ckpt['tokenizer']).state() != tok.state():
+        raise SystemExit(f"error: checkpoint in {c['out_dir']!r} was trained with another tokenizer or data")
+    if len(val_ids) <= c['block_size'] + 1:
+        raise SystemExit(f"error: the data has {len(train_ids) + len(val_ids)} tokens, too few for block_size {c['block_size']}")
+
+
 def load_bins(folder, tokenizer):
     """Prepared bins as Data: read-only np.memmap splits (nothing is read until used), the tokenizer of
     meta.json (tokenizer must be 'auto' or its name), its byte and word counts."""

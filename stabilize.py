@@ -214,10 +214,9 @@ def std(xs):
 
 @torch.no_grad()
 def update_norm(optimizer, psu=None):
-    """||theta_t - theta_{t-1}|| of the step being taken, with no parameter copy: AdamW's step rebuilt
-    from its state (adamw_step) plus PSU's pull to come (pending_pull). Call it right after optimizer.step(),
-    while the gradients mark the parameters AdamW moved (BAARA's P_S leaves some without: AdamW skips
-    them). Read in pieces of PIECE elements; under FSDP the shards' squares are summed over the ranks."""
+    """||theta_t - theta_{t-1}|| with no parameter copy: AdamW's step rebuilt from its state (adamw_step) plus
+    PSU's pull to come (pending_pull). Call it right after optimizer.step(), while gradients mark what AdamW moved
+    (BAARA's P_S leaves some without). Read in pieces of PIECE elements; under FSDP summed over the ranks."""
     theta_bar = dict(zip(psu.params, psu.ema)) if psu is not None and psu.params_on else {}
     squares = []
     for group in optimizer.param_groups:

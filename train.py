@@ -84,7 +84,7 @@ import torch
 
 import distributed
 from baara import BAARA
-from data import get_batch, load_run_data, tokenizer_from_state
+from data import check_data, get_batch, load_run_data
 from metrics import distribution_metrics, evaluate, summary
 from model import GPT, GPTConfig, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_id, mask_tokens, peak_flops
 from runfolder import RunLog, checkpoint_path, resumed_config, run_folder, write_atomic
@@ -118,8 +118,7 @@ def get_config(argv):
 
 
 def autocast_context(dtype, device):
-    """bf16 autocast over float32 weights, or nothing for float32. (float16 is not offered: it would
-    need a gradient scaler, and every GPU this targets has bf16.)"""
+    """bf16 autocast over float32 weights, or nothing (no float16: it would need a gradient scaler)."""
     if dtype == 'float32':
         return nullcontext()
     return torch.autocast(device_type='cuda' if device.startswith('cuda') else 'cpu', dtype=torch.bfloat16)
@@ -152,8 +151,7 @@ def estimate_loss(model, splits, c, tok, device, ctx):
         gen = torch.Generator().manual_seed(c['seed'] + 7)
         # BERT's eval masks come from a fixed seed; forking (CPU and this GPU) leaves the
         # training RNG (DMU/DTU draws, dropout, BERT's training masks) alone for both models
-        fork = torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.startswith('cuda') else [])
-        with fork:
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.startswith('cuda') else []):
             torch.manual_seed(c['seed'] + 7)
             losses = torch.zeros(c['eval_iters'])
             for k in range(c['eval_iters']):
@@ -354,16 +352,8 @@ def eval_row(diag, losses, data, c):
     return row
 
 
-def check_data(train_ids, val_ids, tok, ckpt, c):
-    if ckpt is not None and tokenizer_from_state(ckpt['tokenizer']).state() != tok.state():
-        raise SystemExit(f"error: checkpoint in {c['out_dir']!r} was trained with another tokenizer or data")
-    if len(val_ids) <= c['block_size'] + 1:
-        raise SystemExit(f"error: the data has {len(train_ids) + len(val_ids)} tokens, too few for block_size {c['block_size']}")
-
-
 def model_config(c, vocab_size):
-    """The GPTConfig of this run (GPT-2's shape for GPT-2 weights: load_gpt2 put it in c); the paper's
-    units (DMU, DTU) and dropout from the config."""
+    """This run's GPTConfig (GPT-2's shape for GPT-2 weights: load_gpt2 put it in c), DMU/DTU included."""
     units = dict(dropout=c['dropout'], dmu_p=c['dmu_p'], dmu_mode=c['dmu_mode'], dtu_r=c['dtu_r'])
     return GPTConfig(n_layer=c['n_layer'], n_head=c['n_head'], n_embd=c['n_embd'], block_size=c['block_size'],
                      vocab_size=vocab_size, bias=c['bias'], causal=c['model'] == 'gpt', **units)
@@ -388,8 +378,7 @@ def build_model(config, state, source, c, world, rank):
 # checkpoints: all that the next steps read, so that a resumed run continues as the unbroken one
 
 def fresh_latest():
-    """What the next eval's Def. 3.1 record reads: the last 50 logged losses, ||g|| of the latest
-    step and ||theta_t - theta_{t-1}|| of the latest logged step (measured on logged steps only)."""
+    """What the next Def. 3.1 record reads: the last 50 logged losses, the latest ||g|| and logged update norm."""
     return dict(losses=[], grad_norm=torch.zeros(()), update_norm=torch.zeros(()))
 
 
@@ -439,8 +428,7 @@ def stop_nonfinite(iter_num, c):
 
 
 def finish(model, tok, corpus, corpus_text, train_ids, val_ids, diagnostics, iter_num, c, device, ctx, counts=None):
-    """End of run: samples to samples.txt, metrics (distribution_metrics' too) and the stability verdict to report.json,
-    which also says which run made it: its config, the iteration of its model (and checkpoint), the samples' decoder."""
+    """End of run: samples.txt, and report.json: which run (config, iteration, decoder), its metrics, Def. 3.1's verdict."""
     decoder = {k: c[k] for k in ('temperature', 'top_k', 'top_p')}
     with ctx:
         texts = sample_texts(model, tok, c['num_samples'], c['sample_tokens'], device=device, seed=c['seed'], **decoder)
