@@ -285,15 +285,15 @@ def run(c, rank, world):
 
         # ---- one step (train_step): forward, PSU feedback, backward, BAARA's action, AdamW, PSU's pull
         lr = get_lr(iter_num, c)
-        logging = iter_num % c['log_interval'] == 0
+        logged_step = iter_num % c['log_interval'] == 0
         loss, latest['grad_norm'], update, logits, y = train_step(
             model, optimizer, lambda: batch(train_ids, c, tok, data_gen, device), lr, psu, baara,
-            c['gradient_accumulation_steps'], c['grad_clip'], ctx, measure=logging)
+            c['gradient_accumulation_steps'], c['grad_clip'], ctx, measure=logged_step)
         nonfinite |= ~torch.isfinite(loss.detach())
         steps_timed += 1
 
         # ---- log: this step's numbers (a host sync, so every log_interval steps only)
-        if logging:
+        if logged_step:
             latest['update_norm'] = update
             lossf = loss.item()
             if not math.isfinite(lossf):
