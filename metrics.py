@@ -327,18 +327,23 @@ def distribution_metrics(model, tok, corpus, train_ids, val_ids, n=5000, max_tok
                          device='cpu', ctx=nullcontext(), seed=0, batch_size=500):
     """kl_estimates from n sentences drawn from the corpus and n drawn from the model (model.generate
     from an end-of-text, the decoder's temperature/top_k/top_p, at most max_tokens, default twice the
-    longest template's; one left unclosed is off the support, its log q that of its max_tokens), with the Theorem 5.5 counts: train_share, the share of the model's sentences
+    longest template's, never past block_size; one left unclosed is off the support, its log q that of
+    its max_tokens), with the Theorem 5.5 counts: train_share, the share of the model's sentences
     found verbatim in the training split, against train_true_mass, p's exact mass on the distinct
     training sentences (its _se: 0); excess = their difference. forward_kl scores with the model's own
     q (a truncating decoder gives p's sentences q = 0), the rest with the decoder's. val_gap = the
     validation split's loss (windows of block_size) - entropy_rate: the gap forward_kl would be if its
     windows began at sentence starts; they begin anywhere, and a sentence cut open loses its template's
     start, so val_gap exceeds forward_kl. {} (no keys) unless the corpus is synthetic, tokenized by its
-    words, and the model a causal GPT."""
+    words, and the model a causal GPT; only distribution_skipped (why) when block_size cannot hold the
+    longest sentence (end-of-text, words, end-of-text), which q must score from its start."""
     if corpus is None or tok.name != 'word' or not model.config.causal:
         return {}
+    longest, block_size = max(len(t) + 1 for t in corpus.templates), model.config.block_size
+    if longest > block_size:
+        return dict(distribution_skipped=f"block_size {block_size} < {longest}, the longest sentence's tokens")
     was_training, rng, eot = model.training, np.random.default_rng(seed), tok.eot
-    max_tokens = max_tokens or 2 * max(len(t) + 1 for t in corpus.templates)
+    max_tokens = min(max_tokens or 2 * longest, block_size)  # a drawn row and its end-of-text start fit in the window
     model.eval()
     truth = [[tok.index[w] for w in s] + [eot] for s in corpus.sample_sentences(n, rng)]
     fwd_tokens = torch.tensor([len(s) for s in truth])
@@ -386,6 +391,8 @@ def summary(m):
     hf, corpus = fmt(m['hf_proportion'], '%'), fmt(m['corpus_hf_proportion'], '%')
     line = f"metrics: high-frequency words {hf} (corpus {corpus})" + ''.join(
         f" | {name} {fmt(m.get(k), spec)}" for name, k, spec in COLUMNS[1:])
+    if 'distribution_skipped' in m:
+        return f"{line}\ntheorem 5.5: not measured, {m['distribution_skipped']}"
     if 'forward_kl' not in m:
         return line
     pm = lambda k, spec='.3f': f"{fmt(m[k], spec)}±{fmt(m[k + '_se'], spec)}"  # noqa: E731

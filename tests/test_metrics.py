@@ -376,6 +376,18 @@ def test_distribution_metrics_on_a_random_model(small):
     assert out['off_support'] == 1.0 and out['reverse_kl'] is None and out['train_share'] == 0.0
 
 
+def test_distribution_metrics_say_why_a_short_window_cannot_score_a_sentence(small):
+    """A window shorter than the longest sentence: no estimate (one would be of sentences cut open), a reason instead."""
+    d, _ = small
+    longest = max(len(t) + 1 for t in d.corpus.templates)
+    short = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=longest - 1, vocab_size=d.tok.vocab_size))
+    out = metrics.distribution_metrics(short, d.tok, d.corpus, d.train, d.val, n=4)
+    assert out == {'distribution_skipped': f"block_size {longest - 1} < {longest}, the longest sentence's tokens"}
+    assert metrics.summary(dict(hf_proportion=0.1, corpus_hf_proportion=0.1, **out)).endswith(out['distribution_skipped'])
+    fits = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=longest, vocab_size=d.tok.vocab_size))
+    assert math.isfinite(metrics.distribution_metrics(fits, d.tok, d.corpus, d.train, d.val, n=4)['forward_kl'])
+
+
 def test_train_true_mass_matches_the_share_of_fresh_sentences_in_training(small):
     """train_true_mass (exact) against its estimate: the share of 20,000 fresh true sentences found
     in the training split, a binomial proportion, within 4 standard errors (false alarm ~6e-5)."""

@@ -5,7 +5,7 @@ a time, a fresh run never mixes its files with an old run's).
 
 Most cases run in-process (train.main / sample.main / bench.main raising SystemExit); a few run
 as subprocesses, at once, to show the whole path to the terminal has no traceback. The synthetic
-corpus is built once per module (train.load_data cached): these tests are about folders, not data."""
+corpus is built once per module (data.load_data cached): these tests are about folders, not data."""
 import functools
 import hashlib
 import json
@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import bench
+import data
 import sample
 import train
 
@@ -36,7 +37,7 @@ NO_GPU = 'cuda' if not torch.cuda.is_available() else f'cuda:{torch.cuda.device_
 @pytest.fixture(scope='module', autouse=True)
 def cached_data():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, 'load_data', functools.lru_cache(train.load_data))
+        mp.setattr(data, 'load_data', functools.lru_cache(data.load_data))
         yield
 
 
