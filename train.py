@@ -312,11 +312,14 @@ def run(c, rank, world):
         iter_num += 1
 
     # ---- end of run: samples and metrics, on rank 0 alone
+    t_end = time.time()
     if c['fsdp']:
         raw_model = distributed.unsharded(raw_model, config, device)
     if master:
         log.close()
         finish(raw_model, tok, corpus, corpus_text, train_ids, val_ids, diagnostics, iter_num, c, device, ctx, data.word_counts)
+        end_s = time.time() - t_end
+        print(f"time: training loop {t_end - t_start:.0f} s, end of run {end_s:.0f} s ({end_s / (time.time() - t_start):.0%})")
     distributed.teardown()
 
 

@@ -5,6 +5,7 @@ one 2-process torchrun run on the CPU (gloo) and one torch.compile run against e
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,15 @@ def test_artifacts(gpt_run):
                                                  rel=1e-5)
     samples = open(os.path.join(gpt_run, 'samples.txt')).read().split('\n=====\n')
     assert len(samples) == 4 and all(s.strip() for s in samples)
+
+
+def test_run_ends_with_the_end_of_runs_share_of_the_time(tmp_path, capsys):
+    """The last line splits the wall time: training loop, end of run (samples, metrics), the latter's share."""
+    run(str(tmp_path), '--max_iters=2', '--eval_interval=2')
+    last = capsys.readouterr().out.rstrip('\n').split('\n')[-1]
+    got = re.fullmatch(r"time: training loop (\d+) s, end of run (\d+) s \((\d+)%\)", last)
+    assert got, last
+    assert 0 <= int(got[3]) <= 100  # a share of the whole
 
 
 THEOREM = ('forward_kl', 'reverse_kl', 'off_support', 'model_entropy', 'train_share', 'train_true_mass')
