@@ -332,9 +332,9 @@ def distribution_metrics(model, tok, corpus, train_ids, val_ids, n=5000, max_tok
     found verbatim in the training split, against train_true_mass, p's exact mass on the distinct
     training sentences (its _se: 0); excess = their difference. forward_kl scores with the model's own
     q (a truncating decoder gives p's sentences q = 0), the rest with the decoder's. val_gap = the
-    validation split's loss (windows of block_size) - entropy_rate: the gap forward_kl would be if its
-    windows began at sentence starts; they begin anywhere, and a sentence cut open loses its template's
-    start, so val_gap exceeds forward_kl. {} (no keys) unless the corpus is synthetic, tokenized by its
+    validation split's loss (windows of block_size) - entropy_rate, which is not forward_kl: its windows
+    begin anywhere (a sentence cut open has lost its template's start: a higher loss), and its
+    sentences come after others (context a lone end-of-text start lacks). {} (no keys) unless the corpus is synthetic, tokenized by its
     words, and the model a causal GPT; only distribution_skipped (why) when block_size cannot hold the
     longest sentence (end-of-text, words, end-of-text), which q must score from its start."""
     if corpus is None or tok.name != 'word' or not model.config.causal:

@@ -186,19 +186,20 @@ QUALITY = [('forward_kl', 'forward KL (nats/token)'), ('off_support', 'off-suppo
 def theorem_rows(run_dirs):
     """One dict per run: its folder, the settings the table shows, its metrics with excess =
     train_share - train_true_mass (Thm 5.5's excess concentration on the empirical support), its
-    Def. 3.1 verdict and components, the last val_loss. The other settings that differ between the
-    runs (a classical stabiliser, say) are in 'other'."""
+    Def. 3.1 verdict and components, the last val_loss. In 'other', the run's settings that differ
+    from the value most of the runs share (a classical stabiliser, say)."""
     reports = [read_report(d) for d in run_dirs]
     shown = ('n_sentences', 'psu_lambda', 'psu_channels', 'max_iters', 'lr_decay_iters')
-    differ = [k for k in dict.fromkeys(k for c, *_ in reports for k in c) if k not in NOT_SETTINGS + shown
-              and len({repr(c[k]) for c, *_ in reports if k in c}) > 1]
+    values = {k: [repr(c.get(k)) for c, *_ in reports] for k in dict.fromkeys(k for c, *_ in reports for k in c)
+              if k not in NOT_SETTINGS + shown}
+    usual = {k: max(set(v), key=v.count) for k, v in values.items()}  # the value most runs share
     rows = []
     for d, (c, m, stability, val) in zip(run_dirs, reports):
         excess = m['train_share'] - m['train_true_mass'] if m.get('train_share') is not None else None
         lam = float(c.get('psu_lambda', 0.0))
         rows.append(dict(run=d, size=c.get('n_sentences'), lam=lam, steps=c.get('max_iters'),
                          channel=c.get('psu_channels') if lam > 0 else '-', val_loss=val,
-                         other=' '.join(f"{k}={c.get(k)}" for k in differ),
+                         other=' '.join(f"{k}={c.get(k)}" for k in usual if repr(c.get(k)) != usual[k]),
                          metrics={**m, 'excess': excess}, stability=stability))
     return sorted(rows, key=lambda r: (r['size'] or 0, r['other'], r['steps'] or 0, r['lam'], r['channel']))
 
@@ -208,12 +209,12 @@ def print_theorem55(rows):
     print("Theorem 5.5, measured: KLs in nats/token; train = generated sentences found verbatim in the "
           "training split, true_mass = the truth's mass on that set, excess = train - true_mass")
     head = ['size', 'lambda', 'channel', 'steps', 'val_loss'] + [name for name, _, _ in THEOREM_COLUMNS]
-    print_row('', head + ['verdict', 'other'], 0)
+    print_row('', head + ['verdict', 'other'], 0, 11)
     for r in rows:
         m = r['metrics']
         cols = [fmt(m.get(k), spec) for _, k, spec in THEOREM_COLUMNS]
         print_row('', [r['size'], f"{r['lam']:g}", r['channel'], r['steps'], fmt(r['val_loss'], '.3f')] + cols
-                  + [r['stability'].get('verdict', '-'), r['other']], 0)
+                  + [r['stability'].get('verdict', '-'), r['other']], 0, 11)
 
 
 def stability_map(rows, out='stability_map.png'):
@@ -250,11 +251,17 @@ def stability_map(rows, out='stability_map.png'):
 
 
 def spearman(a, b):
-    """Spearman's rank correlation (ties ranked by order; nan when either side is constant)."""
-    ra, rb = (np.argsort(np.argsort(v)).astype(np.float64) for v in (a, b))
+    """Spearman's rank correlation, tied values given their mean rank (nan when either side is constant)."""
+    ra, rb = mean_ranks(a), mean_ranks(b)
     if ra.std() == 0 or rb.std() == 0:
         return math.nan
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def mean_ranks(v):
+    """Ranks 0..n-1 of v's values, each run of equal values given the mean of its ranks."""
+    _, which, counts = np.unique(v, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - counts + (counts - 1) / 2)[which]
 
 
 def main(argv):

@@ -1,7 +1,7 @@
 """
 Train a GPT-2 or BERT, optionally stabilised by PSU, on the embedded synthetic corpus or a text file.
 
-    python train.py                                  # tiny GPT-2, synthetic corpus, CPU, ~3 minutes
+    python train.py                                  # tiny GPT-2, synthetic corpus, CPU, ~4 minutes
     python train.py config/table62.py --psu_lambda=0.2 --seed=2026
     torchrun --standalone --nproc_per_node=2 train.py --device=cpu
     torchrun --standalone --nproc_per_node=8 train.py --size=gpt2-1b --fsdp=True   # sharded, bf16 on GPUs

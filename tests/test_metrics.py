@@ -328,6 +328,19 @@ def test_cli_theorem55_table_and_stability_map(tmp_path, capsys):
     assert str(e.value).startswith('error: the map needs at least 2')
 
 
+def test_theorem55_other_names_a_runs_unusual_settings_and_ties_share_a_rank(tmp_path, capsys):
+    """'other' shows a setting only where it differs from the value most runs share; Spearman gives
+    tied values their mean rank, so the map does not depend on the order of the runs."""
+    for name, clip in (('a', 1.0), ('b', 1.0), ('c', 0.1)):
+        write_theorem_run(str(tmp_path / name), 2000, 0.0, 0.1, 0.5, 0.01, 1.0, grad_clip=clip)
+    tables.main(['--theorem55'] + [str(tmp_path / name) for name in 'abc'])
+    lines = capsys.readouterr().out.splitlines()[2:]
+    assert [line.split()[-1] for line in lines] == ['stable', 'stable', 'grad_clip=0.1']
+    x, y = np.array([0.0, 0.0, 1.0, 1.0]), np.array([1.0, 0.0, 2.0, 3.0])
+    assert tables.spearman(x, y) == pytest.approx(np.corrcoef([0.5, 0.5, 2.5, 2.5], [1, 0, 2, 3])[0, 1])
+    assert tables.spearman(x[::-1], y[::-1]) == tables.spearman(x, y)
+
+
 # ---------------------------------------------------------------- Theorem 5.5: distribution metrics
 
 def test_kl_estimates_by_hand():
