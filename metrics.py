@@ -195,13 +195,11 @@ def text_metrics(texts, hf_set, corpus=None, drop_first=False, eps=0.05):
     hist = {str(k): int(v) for k, v in zip(*np.unique(lengths, return_counts=True))}
     mean, std = (float(lengths.mean()), float(lengths.std())) if len(lengths) else (None, None)
     sentence_mean = float(sent_words[complete].mean()) if complete.any() else None
-    return dict(n_samples=len(texts), n_words=len(enc.ids),
-                sample_entropy=sample_entropy(None, counts), hf_proportion=hf,
+    return dict(n_samples=len(texts), n_words=len(enc.ids), sample_entropy=sample_entropy(None, counts), hf_proportion=hf,
                 **{f'distinct_{n}': distinct_n(enc, n) for n in (1, 2, 3)},
                 seq_rep_4=seq_rep_n(enc, 4), loop_share=loop_share(enc),
                 terminated=len(lengths) / len(texts), length_mean=mean, length_std=std,
-                length_hist=hist, sentence_length_mean=sentence_mean,
-                **mode_concentration(labels, eps),
+                length_hist=hist, sentence_length_mean=sentence_mean, **mode_concentration(labels, eps),
                 modes_kind='words' if corpus is None else 'templates')
 
 
@@ -325,18 +323,16 @@ def kl_estimates(fwd_log_p, fwd_log_q, fwd_tokens, log_q, log_p, tokens):
 @torch.no_grad()
 def distribution_metrics(model, tok, corpus, train_ids, val_ids, n=5000, max_tokens=None, decoder=None,
                          device='cpu', ctx=nullcontext(), seed=0, batch_size=500):
-    """kl_estimates from n sentences drawn from the corpus and n drawn from the model (model.generate
-    from an end-of-text, the decoder's temperature/top_k/top_p, at most max_tokens, default twice the
-    longest template's, never past block_size; one left unclosed is off the support, its log q that of
-    its max_tokens), with the Theorem 5.5 counts: train_share, the share of the model's sentences
-    found verbatim in the training split, against train_true_mass, p's exact mass on the distinct
-    training sentences (its _se: 0); excess = their difference. forward_kl scores with the model's own
-    q (a truncating decoder gives p's sentences q = 0), the rest with the decoder's. val_gap = the
-    validation split's loss (windows of block_size) - entropy_rate, which is not forward_kl: its windows
-    begin anywhere (a sentence cut open has lost its template's start: a higher loss), and its
-    sentences come after others (context a lone end-of-text start lacks). {} (no keys) unless the corpus is synthetic, tokenized by its
-    words, and the model a causal GPT; only distribution_skipped (why) when block_size cannot hold the
-    longest sentence (end-of-text, words, end-of-text), which q must score from its start."""
+    """kl_estimates from n sentences drawn from the corpus and n from the model (generated from an
+    end-of-text by the decoder, at most max_tokens: twice the longest template's, within block_size; one
+    left unclosed is off the support), and Theorem 5.5's counts: train_share, the share of the model's
+    sentences found verbatim in the training split, against train_true_mass, p's exact mass on the
+    distinct training sentences (_se 0); excess = their difference. forward_kl scores with the model's
+    own q (a truncating decoder gives p's sentences q = 0), the rest with the decoder's. val_gap =
+    validation loss - entropy_rate, not forward_kl: its windows begin mid-sentence (a higher loss) and
+    after other sentences (context a lone end-of-text lacks). {} unless the corpus is synthetic with
+    its word tokenizer and the model a causal GPT; only distribution_skipped (why) when block_size
+    cannot hold the longest sentence with its end-of-text start."""
     if corpus is None or tok.name != 'word' or not model.config.causal:
         return {}
     longest, block_size = max(len(t) + 1 for t in corpus.templates), model.config.block_size
@@ -391,10 +387,8 @@ def summary(m):
     hf, corpus = fmt(m['hf_proportion'], '%'), fmt(m['corpus_hf_proportion'], '%')
     line = f"metrics: high-frequency words {hf} (corpus {corpus})" + ''.join(
         f" | {name} {fmt(m.get(k), spec)}" for name, k, spec in COLUMNS[1:])
-    if 'distribution_skipped' in m:
-        return f"{line}\ntheorem 5.5: not measured, {m['distribution_skipped']}"
-    if 'forward_kl' not in m:
-        return line
+    if 'forward_kl' not in m:  # not the synthetic corpus, or a window too short (then why)
+        return line + (f"\ntheorem 5.5: not measured, {m['distribution_skipped']}" if 'distribution_skipped' in m else '')
     pm = lambda k, spec='.3f': f"{fmt(m[k], spec)}±{fmt(m[k + '_se'], spec)}"  # noqa: E731
     return (f"{line}\ntheorem 5.5: forward KL {pm('forward_kl')} | reverse KL {pm('reverse_kl')} | off-support "
             f"{pm('off_support', '%')} | entropy {pm('model_entropy')} (true {m['entropy_rate']:.3f}) | train share "

@@ -149,8 +149,7 @@ def estimate_loss(model, splits, c, tok, device, ctx):
     out = {}
     for name, ids in splits.items():
         gen = torch.Generator().manual_seed(c['seed'] + 7)
-        # BERT's eval masks come from a fixed seed; forking (CPU and this GPU) leaves the
-        # training RNG (DMU/DTU draws, dropout, BERT's training masks) alone for both models
+        # BERT's eval masks come from a fixed seed; forking (CPU, this GPU) leaves the training RNG alone
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.startswith('cuda') else []):
             torch.manual_seed(c['seed'] + 7)
             losses = torch.zeros(c['eval_iters'])
@@ -357,9 +356,8 @@ def eval_row(diag, losses, data, c):
 
 def model_config(c, vocab_size):
     """This run's GPTConfig (GPT-2's shape for GPT-2 weights: load_gpt2 put it in c), DMU/DTU included."""
-    units = dict(dropout=c['dropout'], dmu_p=c['dmu_p'], dmu_mode=c['dmu_mode'], dtu_r=c['dtu_r'])
-    return GPTConfig(n_layer=c['n_layer'], n_head=c['n_head'], n_embd=c['n_embd'], block_size=c['block_size'],
-                     vocab_size=vocab_size, bias=c['bias'], causal=c['model'] == 'gpt', **units)
+    keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout', 'dmu_p', 'dmu_mode', 'dtu_r')
+    return GPTConfig(vocab_size=vocab_size, causal=c['model'] == 'gpt', **{k: c[k] for k in keys})
 
 
 def build_model(config, state, source, c, world, rank):
@@ -445,8 +443,7 @@ def finish(model, tok, corpus, corpus_text, train_ids, val_ids, diagnostics, ite
     write_atomic(os.path.join(c['out_dir'], 'report.json'), json.dumps(report, indent=1))
     print(summary(metrics))
     print(f"stability: {verdict['verdict']}; {len(texts)} samples in {c['out_dir']}/samples.txt, e.g.:")
-    for t in texts[:3]:
-        print('  ' + t.strip().replace('\n', ' / ')[:100])
+    print('\n'.join('  ' + t.strip().replace('\n', ' / ')[:100] for t in texts[:3]))
 
 
 if __name__ == '__main__':
