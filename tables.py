@@ -190,16 +190,16 @@ def theorem_rows(run_dirs):
     from the value most of the runs share (a classical stabiliser, say)."""
     reports = [read_report(d) for d in run_dirs]
     shown = ('n_sentences', 'psu_lambda', 'psu_channels', 'max_iters', 'lr_decay_iters')
-    values = {k: [repr(c.get(k)) for c, *_ in reports] for k in dict.fromkeys(k for c, *_ in reports for k in c)
+    values = {k: [repr(c[k]) for c, *_ in reports if k in c] for k in dict.fromkeys(k for c, *_ in reports for k in c)
               if k not in NOT_SETTINGS + shown}
-    usual = {k: max(set(v), key=v.count) for k, v in values.items()}  # the value most runs share
+    usual = {k: max(dict.fromkeys(v), key=v.count) for k, v in values.items()}  # ties: the first run's value
     rows = []
     for d, (c, m, stability, val) in zip(run_dirs, reports):
         excess = m['train_share'] - m['train_true_mass'] if m.get('train_share') is not None else None
         lam = float(c.get('psu_lambda', 0.0))
         rows.append(dict(run=d, size=c.get('n_sentences'), lam=lam, steps=c.get('max_iters'),
                          channel=c.get('psu_channels') if lam > 0 else '-', val_loss=val,
-                         other=' '.join(f"{k}={c.get(k)}" for k in usual if repr(c.get(k)) != usual[k]),
+                         other=' '.join(f"{k}={c[k]}" for k in usual if k in c and repr(c[k]) != usual[k]),
                          metrics={**m, 'excess': excess}, stability=stability))
     return sorted(rows, key=lambda r: (r['size'] or 0, r['other'], r['steps'] or 0, r['lam'], r['channel']))
 

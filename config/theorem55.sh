@@ -17,12 +17,14 @@ extra=("$@")
 jobs=${JOBS:-2}
 mkdir -p "$out"
 
+pids=() names=()
 run() {  # run NAME flags...: in the background, once fewer than JOBS runs are going
   local name=$1; shift
   [ -f "$out/$name/report.json" ] && return
-  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done  # a failure is reported at the end
   OMP_NUM_THREADS=$(( ($(nproc) + jobs - 1) / jobs )) python train.py config/table62.py config/theorem55.py \
     --out_dir="$out/$name" --overwrite=True "$@" "${extra[@]}" > "$out/$name.txt" 2>&1 &
+  pids+=($!) names+=("$name")
 }
 run n2000-l0-long --n_sentences=2000 --max_iters=2400 --lr_decay_iters=2400    # the longest first
 run n20000-l0-long --n_sentences=20000 --max_iters=2400 --lr_decay_iters=2400
@@ -37,6 +39,11 @@ done
 run n150000-l0-clip0.1 --n_sentences=150000 --grad_clip=0.1
 run n150000-l0-wd1.0 --n_sentences=150000 --weight_decay=1.0
 run n150000-l0-lr3e-4 --n_sentences=150000 --learning_rate=3e-4 --min_lr=3e-5
-while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; done  # every run's exit status, so a failed one stops here
+failed=()
+for i in "${!pids[@]}"; do wait "${pids[$i]}" || failed+=("$out/${names[$i]}.txt"); done  # each run's exit status
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "error: ${#failed[@]} run(s) failed, see ${failed[*]}; the finished ones are kept, rerun to redo the rest" >&2
+  exit 1
+fi
 python tables.py --theorem55 "$out"/*/
 python tables.py --map "$out"/*/ --out=assets/stability_map.png

@@ -336,6 +336,8 @@ def test_theorem55_other_names_a_runs_unusual_settings_and_ties_share_a_rank(tmp
     tables.main(['--theorem55'] + [str(tmp_path / name) for name in 'abc'])
     lines = capsys.readouterr().out.splitlines()[2:]
     assert [line.split()[-1] for line in lines] == ['stable', 'stable', 'grad_clip=0.1']
+    tables.main(['--theorem55', str(tmp_path / 'c'), str(tmp_path / 'a')])  # a tie: the first run's value is usual
+    assert [line.split()[-1] for line in capsys.readouterr().out.splitlines()[2:]] == ['stable', 'grad_clip=1.0']
     x, y = np.array([0.0, 0.0, 1.0, 1.0]), np.array([1.0, 0.0, 2.0, 3.0])
     assert tables.spearman(x, y) == pytest.approx(np.corrcoef([0.5, 0.5, 2.5, 2.5], [1, 0, 2, 3])[0, 1])
     assert tables.spearman(x[::-1], y[::-1]) == tables.spearman(x, y)

@@ -88,7 +88,7 @@ def test_artifacts(gpt_run):
 
 
 def test_run_ends_with_the_end_of_runs_share_of_the_time(tmp_path, capsys):
-    """The last line splits the wall time: training loop, end of run (samples, metrics), the latter's share."""
+    """The last line: the training loop's seconds, the end of run's (samples, metrics), and its share of the two."""
     run(str(tmp_path), '--max_iters=2', '--eval_interval=2')
     last = capsys.readouterr().out.rstrip('\n').split('\n')[-1]
     got = re.fullmatch(r"time: training loop (\d+) s, end of run (\d+) s \((\d+)%\)", last)
