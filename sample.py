@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 from configurator import DEVICE, auto_device, exit_if_help, parse_flags, validate
 
@@ -92,16 +93,25 @@ def main(argv):
         print('---------------')
 
 
+def sample_metrics(model, data, texts, decoder, batch_size, n_dist, device, seed, ctx=nullcontext()):
+    """Every metric of a model and its sampled texts (metrics.evaluate), and on the synthetic corpus
+    Theorem 5.5's (distribution_metrics, n_dist sentences, under decoder): train.py's report, --metrics."""
+    from metrics import distribution_metrics, evaluate  # here: plain sampling needs no metrics
+    m = evaluate(model, data.tok, data.text, data.corpus, texts, data.val, batch_size=batch_size, device=device,
+                 ctx=ctx, seed=seed, counts=data.word_counts)
+    m.update(distribution_metrics(model, data.tok, data.corpus, data.train, data.val, n_dist, decoder=decoder,
+                                  device=device, ctx=ctx, seed=seed))
+    return m
+
+
 def write_metrics(model, ckpt, texts, c):
     """--metrics=True: RUN/samples-<decoder>.txt and RUN/metrics-<decoder>.json, metrics as train.finish's."""
-    from metrics import distribution_metrics, evaluate, summary  # here: plain sampling needs no data
+    from metrics import summary
     decoder = {k: c[k] for k in ('temperature', 'top_k', 'top_p')}
     name = f"t{c['temperature']}-k{c['top_k']}-p{c['top_p']}"
-    data, seed, device = load_run_data(ckpt['config']), ckpt['config']['seed'], c['device']
-    m = evaluate(model, data.tok, data.text, data.corpus, texts, data.val, batch_size=ckpt['config']['batch_size'],
-                 device=device, seed=seed, counts=data.word_counts)
-    m.update(distribution_metrics(model, data.tok, data.corpus, data.train, data.val, c['dist_samples'], decoder=decoder,
-                                 device=device, seed=seed))
+    run = ckpt['config']
+    m = sample_metrics(model, load_run_data(run), texts, decoder, run['batch_size'], c['dist_samples'], c['device'],
+                       run['seed'])
     with open(os.path.join(c['out_dir'], f'samples-{name}.txt'), 'w') as f:
         f.write('\n=====\n'.join(texts))
     with open(os.path.join(c['out_dir'], f'metrics-{name}.json'), 'w') as f:

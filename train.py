@@ -85,10 +85,10 @@ import torch
 import distributed
 from baara import BAARA
 from data import check_data, get_batch, load_run_data
-from metrics import distribution_metrics, evaluate, summary
+from metrics import summary
 from model import GPT, GPTConfig, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_id, mask_tokens, peak_flops
 from runfolder import RunLog, checkpoint_path, resumed_config, run_folder, write_atomic
-from sample import sample_texts
+from sample import sample_metrics, sample_texts
 from stabilize import PSU, Diagnostics, param_norm, predictive_entropy, update_norm
 
 
@@ -230,7 +230,7 @@ def run(c, rank, world):
     # ---- data and model: from scratch, from GPT-2's weights, or resumed from out_dir
     ckpt = load_checkpoint(checkpoint_path(c)) if c['init_from'] == 'resume' else None
     gpt2_weights = load_gpt2(c) if c['init_from'] not in ('scratch', 'resume') else None
-    train_ids, val_ids, tok, corpus_text, corpus = data = load_run_data(c)
+    train_ids, val_ids, tok, _, corpus = data = load_run_data(c)
     check_data(train_ids, val_ids, tok, ckpt, c)
     if ckpt is not None and len(ckpt['ranks']) != world:  # each rank's RNGs and PSU reference were saved
         raise SystemExit(f"error: the checkpoint in {c['out_dir']!r} was saved by {len(ckpt['ranks'])} process(es); "
@@ -316,7 +316,7 @@ def run(c, rank, world):
         raw_model = distributed.unsharded(raw_model, config, device)
     if master:
         log.close()
-        finish(raw_model, tok, corpus, corpus_text, train_ids, val_ids, diagnostics, iter_num, c, device, ctx, data.word_counts)
+        finish(raw_model, data, diagnostics, iter_num, c, device, ctx)
         end_s = time.time() - t_end
         print(f"time: training loop {t_end - t_start:.0f} s, end of run {end_s:.0f} s ({end_s / (time.time() - t_start):.0%})")
     distributed.teardown()
@@ -428,17 +428,14 @@ def stop_nonfinite(iter_num, c):
                      f"checkpoint in {c['out_dir']!r} is untouched")
 
 
-def finish(model, tok, corpus, corpus_text, train_ids, val_ids, diagnostics, iter_num, c, device, ctx, counts=None):
+def finish(model, data, diagnostics, iter_num, c, device, ctx):
     """End of run: samples.txt, and report.json: which run (config, iteration, decoder), its metrics, Def. 3.1's verdict."""
     decoder = {k: c[k] for k in ('temperature', 'top_k', 'top_p')}
     with ctx:
-        texts = sample_texts(model, tok, c['num_samples'], c['sample_tokens'], device=device, seed=c['seed'], **decoder)
+        texts = sample_texts(model, data.tok, c['num_samples'], c['sample_tokens'], device=device, seed=c['seed'], **decoder)
     write_atomic(os.path.join(c['out_dir'], 'samples.txt'), '\n=====\n'.join(texts))
     verdict = diagnostics.verdict()
-    metrics = evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=c['batch_size'],
-                       device=device, ctx=ctx, seed=c['seed'], counts=counts)
-    metrics.update(distribution_metrics(model, tok, corpus, train_ids, val_ids, c['dist_samples'], decoder=decoder,
-                                       device=device, ctx=ctx, seed=c['seed']))
+    metrics = sample_metrics(model, data, texts, decoder, c['batch_size'], c['dist_samples'], device, c['seed'], ctx)
     report = dict(config=c, iter_num=iter_num, decoder=decoder, stability=verdict, metrics=metrics)
     write_atomic(os.path.join(c['out_dir'], 'report.json'), json.dumps(report, indent=1))
     print(summary(metrics))
