@@ -157,7 +157,7 @@ class MLPSetup:
         device = b['device']
         torch.manual_seed(b['seed'])
         self.mlp = MLP(GPTConfig(n_embd=n_embd, dmu_p=dmu_p, dmu_mode='fix')).to(device)
-        self.optimizer = torch.optim.AdamW(self.mlp.parameters(), lr=1e-4, fused=device.startswith('cuda'))
+        self.optimizer = torch.optim.AdamW(self.mlp.parameters(), lr=1e-4, fused=True)  # as train.py's
         self.x = torch.randn(tokens // 64, 64, n_embd, device=device)
         self.ctx = train.autocast_context(b['dtype'], device)
         self.period, self.tokens = 1, tokens
