@@ -49,7 +49,7 @@ import torch
 
 import train
 from baara import BAARA, REF_EVERY
-from data import load_data, prepare
+from data import gpt2_encoding, load_data, prepare
 from metrics import distribution_metrics, high_frequency_set, text_metrics
 from model import GPT, MLP, GPTConfig, peak_flops
 from stabilize import PSU
@@ -271,7 +271,8 @@ def bins_data(corpus_text, folder, chars=2_000_000):
 
 def prepare_speed(corpus_text, mb, folder):
     """data.prepare (GPT-2 BPE, every core) on about mb MB: tinyshakespeare repeated if ../shared/data has it,
-    else the synthetic corpus. The time includes loading the BPE tables, as `python data.py` takes them."""
+    else the synthetic corpus. The time includes loading the BPE tables, as `python data.py` takes them, and
+    says how long that took (a fixed cost, however large the corpus) and the rate after it."""
     shakespeare = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data', 'tinyshakespeare.txt')
     name, text = 'synthetic corpus', corpus_text
     if os.path.exists(shakespeare):
@@ -282,11 +283,14 @@ def prepare_speed(corpus_text, mb, folder):
         f.write(text * repeats)
     size = os.path.getsize(path)
     t0 = time.perf_counter()
+    gpt2_encoding()  # the tables alone, timed apart: prepare loads them again
+    t1 = time.perf_counter()
     meta = prepare(path, os.path.join(folder, 'prepare_bins'), tokenizer='gpt2')
-    dt = time.perf_counter() - t0
+    dt, load = time.perf_counter() - t1, t1 - t0
     tokens = sum(meta['splits'][s]['tokens'] for s in ('train', 'val'))
     return (f"{size / 1e6 / dt:.1f} MB/s on {size / 1e6:.1f} MB ({name} x {repeats}, {tokens:,} tokens in {dt:.2f} s, "
-            f"{os.cpu_count()} threads)")
+            f"{os.cpu_count()} threads; {load:.2f} s of it loading the BPE tables: {size / 1e6 / max(dt - load, 1e-9):.1f} "
+            f"MB/s after)")
 
 
 GPT2 = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=8, dropout=0.0)

@@ -274,21 +274,18 @@ class GPT(nn.Module):
         return idx
 
     @torch.no_grad()
-    def generate_masked(self, idx, mask_id, steps=10, temperature=1.0, top_k=None):
+    def generate_masked(self, idx, mask_id, steps=10, temperature=1.0, top_k=None, top_p=1.0):
         """BERT: iterative mask-predict (Ghazvininejad et al. 2019). Positions equal to mask_id
-        are filled over `steps` rounds; each round samples every masked position and keeps the
-        most confident ones, so the number still masked falls linearly to zero."""
+        are filled over `steps` rounds; each round samples every masked position from
+        decoder_logits' distribution and keeps the most confident ones, so the number still masked
+        falls linearly to zero."""
         idx = idx.clone()
         masked = idx == mask_id
         total = masked.sum(dim=1, keepdim=True)
         for step in range(steps):
-            logits, _ = self(idx)
-            logits = logits / max(temperature, 1e-8)
-            logits[..., mask_id] = -float('inf')
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[..., [-1]]] = -float('inf')
-            probs = F.softmax(logits, dim=-1)
+            logits, _ = self(idx)  # (B, T, V)
+            logits[..., mask_id] = -float('inf')  # [MASK] is never a prediction
+            probs = F.softmax(decoder_logits(logits, temperature, top_k, top_p), dim=-1)
             sample = torch.multinomial(probs.view(-1, probs.size(-1)), 1).view(idx.shape)
             conf = probs.gather(-1, sample.unsqueeze(-1)).squeeze(-1).masked_fill(~masked, -1.0)
             n_fill = masked.sum(dim=1, keepdim=True) - (total * (steps - 1 - step)) // steps

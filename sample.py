@@ -38,7 +38,7 @@ def sample_texts(model, tok, n, max_new_tokens, temperature=1.0, top_k=0, start=
                  device='cpu', seed=1337, batch_size=100, top_p=1.0):
     """n generated texts. GPT continues `start` (default: end-of-text, or a newline when the
     tokenizer has none); temperature 0 is greedy, top_p < 1 keeps the nucleus. BERT fills
-    max_new_tokens [MASK] positions (temperature and top-k only). Seeded and repeatable.
+    max_new_tokens [MASK] positions with the same decoder. Seeded and repeatable.
     Runs of several batches taking over 2 s print their progress to stderr."""
     was_training = model.training
     model.eval()
@@ -57,7 +57,7 @@ def sample_texts(model, tok, n, max_new_tokens, temperature=1.0, top_k=0, start=
                 mask = mask_id(model.config.vocab_size)
                 length = min(max_new_tokens, model.config.block_size)
                 idx = torch.full((rows, length), mask, dtype=torch.long, device=device)
-                out = model.generate_masked(idx, mask, mask_steps, temperature, top_k)
+                out = model.generate_masked(idx, mask, mask_steps, temperature, top_k, top_p)
             texts += [tok.decode(row) for row in out.tolist()]
             progress(len(texts), n, time.perf_counter() - t0, n > batch_size)
     model.train(was_training)

@@ -33,9 +33,11 @@ def test_bench_prints_every_row(capsys):
     assert re.search(r'^tokens/s, MFU +[\d,]+ tok/s', out, re.M)
     assert re.search(r'^text metrics on 0.002M words +[\d.]+ s for', out, re.M)
     assert re.search(r'^distribution metrics on 50 sentences +[\d.]+ s \(forward KL [\d.]+, 50 samples\)', out, re.M)
-    mb_s, mb, seconds = re.search(r'^prepare \(gpt2 BPE\) +([\d.]+) MB/s on ([\d.]+) MB \(.* x \d+, [\d,]+ tokens in '
-                                  r'([\d.]+) s', out, re.M).groups()
-    assert float(mb) >= 0.5 and float(mb_s) == pytest.approx(float(mb) / float(seconds), rel=0.05, abs=0.1)
+    mb_s, mb, seconds, load, after = map(float, re.search(
+        r'^prepare \(gpt2 BPE\) +([\d.]+) MB/s on ([\d.]+) MB \(.* x \d+, [\d,]+ tokens in ([\d.]+) s, \d+ threads; '
+        r'([\d.]+) s of it loading the BPE tables: ([\d.]+) MB/s after\)$', out, re.M).groups())
+    assert mb >= 0.5 and mb_s == pytest.approx(mb / seconds, rel=0.05, abs=0.1)
+    assert 0 < load < seconds and after == pytest.approx(mb / (seconds - load), rel=0.05, abs=0.1)
 
 
 def test_gpu_rows_run_at_a_tiny_size(monkeypatch):

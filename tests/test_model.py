@@ -398,3 +398,16 @@ def test_generate_masked_fills_every_mask():
         assert not (out == mask_id).any()
         assert torch.equal(out[~holes], idx[~holes])
     assert (idx == mask_id).sum() == holes.sum()  # the input is not modified
+
+
+def test_generate_masked_draws_from_the_decoder():
+    """BERT's mask-predict samples from decoder_logits' distribution, as GPT's generate does: a nucleus
+    of one token (top_p below every second token's mass) is greedy, token for token; plain sampling is not."""
+    torch.manual_seed(11)
+    V = 51
+    m = GPT(tiny(vocab_size=V, causal=False)).eval()
+    idx = torch.full((8, 12), M.mask_id(V))
+    draw = lambda **decoder: m.generate_masked(idx, M.mask_id(V), steps=4, **decoder)
+    greedy = draw(temperature=0)
+    assert torch.equal(draw(top_p=1e-6), greedy)
+    assert not torch.equal(draw(), greedy)  # 96 positions over 50 tokens: sampling is not greedy
