@@ -436,8 +436,7 @@ def check_data(train_ids, val_ids, tok, ckpt, c):
 def load_bins(folder, tokenizer):
     """Prepared bins as Data: read-only np.memmap splits (nothing is read until used), the tokenizer of
     meta.json (tokenizer must be 'auto' or its name), its byte and word counts."""
-    meta = read_meta(folder)
-    tok = tokenizer_from_state(meta['tokenizer'])
+    meta, tok = read_meta(folder)
     if tokenizer not in ('auto', tok.name):
         raise SystemExit(f"error: {folder!r} holds {tok.name} tokens, not {tokenizer}: prepare it again with python "
                          f"data.py --src=TEXT --out={folder} --tokenizer={tokenizer} (GPT-2 weights, init_from, need "
@@ -449,22 +448,36 @@ def load_bins(folder, tokenizer):
 
 
 def read_meta(folder):
-    """meta.json of a prepared folder, checked for the keys load_bins uses."""
+    """meta.json of a prepared folder and its tokenizer, checked against each other (a meta.json that cannot
+    describe its bins is a one-line error). -> (meta, tokenizer)"""
     path = os.path.join(folder, 'meta.json')
     if not os.path.isfile(path):
         raise SystemExit(f"error: {folder!r} is a folder but not prepared bins (no meta.json); "
                          f"make them with: python data.py --src=TEXT --out={folder}")
     try:
         meta = json.load(open(path, encoding='utf-8'))
-        assert meta['tokenizer']['name'] in ('char', 'gpt2', 'gpt2-compact'), 'tokenizer'
-        np.dtype(meta['dtype'])
-        assert all(isinstance(meta['splits'][s][k], int if k != 'digest' else str)
-                   for s in SPLITS for k in ('tokens', 'bytes', 'digest')), 'splits'
+        state = meta['tokenizer']
+        assert state['name'] in ('char', 'gpt2', 'gpt2-compact'), 'tokenizer'
+        if state['name'] == 'char':  # sorted, distinct characters (as prepare writes them)
+            assert all(isinstance(ch, str) and len(ch) == 1 for ch in state['chars']), 'tokenizer'
+            assert state['chars'] == sorted(set(state['chars'])), 'tokenizer'
+        elif state['keep'] is not None:  # gpt2-compact: sorted, distinct GPT-2 ids
+            assert all(type(i) is int and 0 <= i < 50257 for i in state['keep']), 'tokenizer'
+            assert state['keep'] == sorted(set(state['keep'])), 'tokenizer'
+        tok = tokenizer_from_state(state)
+        assert tok.state() == state and tok.vocab_size == meta['vocab_size'], 'vocab_size'
+        assert np.dtype(meta['dtype']).name == ('uint16' if tok.vocab_size <= 1 << 16 else 'uint32'), 'dtype'
+        for s in SPLITS:  # every GPT-2 or char token is at least one UTF-8 byte: bits per byte needs the bytes
+            info = meta['splits'][s]
+            assert type(info['tokens']) is int and type(info['bytes']) is int and isinstance(info['digest'], str), 'splits'
+            assert 0 < info['tokens'] <= info['bytes'], 'splits'
+        counts = meta['token_counts']  # the training split's count of each id
+        assert len(counts) == tok.vocab_size and all(type(n) is int and n >= 0 for n in counts), 'token_counts'
+        assert sum(counts) == meta['splits']['train']['tokens'], 'token_counts'
         assert isinstance(meta['word_counts'], dict), 'word_counts'
-        assert len(meta['token_counts']) == meta['vocab_size'], 'token_counts'
     except (ValueError, KeyError, TypeError, AssertionError) as e:
         raise SystemExit(f"error: {path!r} is not a prepared-bins meta.json ({type(e).__name__}: {e}); prepare it again")
-    return meta
+    return meta, tok
 
 
 def open_bin(folder, split, meta):
@@ -730,7 +743,10 @@ def prepare(src, out, tokenizer='gpt2', val_fraction=0.005, overwrite=False, chu
     vocab = len(chars) if chars is not None else 50257
     dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
     tmp = f'{out}.tmp-{os.getpid()}'
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:  # a file where a folder of the path should be, no permission, ...
+        raise SystemExit(f"error: cannot make {out!r} ({e.strerror})")
     try:
         split_at = int(source.bytes * (1 - val_fraction))
         stats, words, counts = write_bins(source, tmp, make_encoder(tokenizer, chars), dtype, split_at, chunk, threads,

@@ -54,7 +54,8 @@ def read_log(path):
 
 
 def read_report(d):
-    """A run folder's (config, metrics, Def. 3.1's verdict dict, last val_loss), else a one-line error."""
+    """A run folder's (config, metrics, Def. 3.1's verdict dict, last eval row of its log: val_loss and, for
+    a GPT, val_bpb), else a one-line error."""
     path = os.path.join(d, 'report.json')
     try:
         report = json.load(open(path))
@@ -62,13 +63,13 @@ def read_report(d):
     except (OSError, ValueError, KeyError) as e:
         why = f'{type(e).__name__}: {e}'
         raise SystemExit(f"error: {path!r} is not a finished run's report ({why})")
-    val = [r['val_loss'] for r in read_log(d) if 'val_loss' in r] or [None]
-    return c, m, stability, val[-1]
+    evals = [r for r in read_log(d) if 'val_loss' in r] or [{}]
+    return c, m, stability, evals[-1]
 
 
 def collect_rows(run_dirs):
     """-> (paper: row -> {lambda: the paper's value}, runs: sorted (row, lambda, metrics, verdict,
-    last val_loss)). A row: (model, seed, size, data, key=value for every other setting that differs
+    last eval row)). A row: (model, seed, size, data, key=value for every other setting that differs
     between the runs that have it, and for ABLATION's from its default): a setting at a seed."""
     reports = [read_report(d) for d in run_dirs]
     differ = [k for k in dict.fromkeys(k for c, *_ in reports for k in c) if k not in NOT_SETTINGS
@@ -116,10 +117,11 @@ def print_table(paper, runs):
           f"The corpus's own proportion: {', '.join(corpus) or '-'}")
     print("\nOther metrics and the stability verdict; "
           "last rows: the text metrics of each corpus cut like the samples")
-    print_row('row', ['lambda'] + [name for name, _, _ in COLUMNS] + ['val_loss', 'verdict'], width)
-    for row, lam, m, verdict, val in runs:
+    print_row('row', ['lambda'] + [name for name, _, _ in COLUMNS] + ['val_loss', 'val_bpb', 'verdict'], width)
+    for row, lam, m, verdict, val in runs:  # val_bpb: bits per byte of the validation text, across tokenizers
         cols = [fmt(m.get(k), spec) for _, k, spec in COLUMNS]
-        print_row(row_label(row), [f'{lam:g}'] + cols + [fmt(val, '.4f'), verdict], width)
+        print_row(row_label(row), [f'{lam:g}'] + cols + [fmt(val.get('val_loss'), '.4f'), fmt(val.get('val_bpb'), '.4f'),
+                                                         verdict], width)
     refs = {row[3]: m['corpus'] for row, _, m, _, _ in runs if m.get('corpus')}  # by data: the last
     for data, ref in refs.items():
         print_row(f'corpus {data}', [''] + [fmt(ref.get(k), spec) for _, k, spec in COLUMNS], width)
@@ -198,7 +200,7 @@ def theorem_rows(run_dirs):
         excess = m['train_share'] - m['train_true_mass'] if m.get('train_share') is not None else None
         lam = float(c.get('psu_lambda', 0.0))
         rows.append(dict(run=d, size=c.get('n_sentences'), lam=lam, steps=c.get('max_iters'),
-                         channel=c.get('psu_channels') if lam > 0 else '-', val_loss=val,
+                         channel=c.get('psu_channels') if lam > 0 else '-', val_loss=val.get('val_loss'),
                          other=' '.join(f"{k}={c[k]}" for k in usual if k in c and repr(c[k]) != usual[k]),
                          metrics={**m, 'excess': excess}, stability=stability))
     return sorted(rows, key=lambda r: (r['size'] or 0, r['other'], r['steps'] or 0, r['lam'], r['channel']))

@@ -247,8 +247,7 @@ def run(c, rank, world):
     iter_num, latest = 0, fresh_latest()
     if ckpt is not None:
         iter_num, latest = restore_checkpoint(ckpt, raw_model, optimizer, psu, baara, diagnostics, data_gen, device, rank)
-    model = torch.compile(raw_model) if c['compile'] else raw_model
-    model = distributed.wrap_ddp(model, device)
+    model = distributed.wrap_ddp(torch.compile(raw_model) if c['compile'] else raw_model, device)
     if master:
         print(f"{c['model']}: {raw_model.get_num_params() / 1e6:.2f}M parameters, vocab {config.vocab_size} "
               f"({tok.name}), {len(train_ids):,} train / {len(val_ids):,} val tokens, {world} process(es) on {device}")
@@ -273,8 +272,9 @@ def run(c, rank, world):
                 stop_nonfinite(iter_num, c)
             diag = diagnostics.record(iter_num, param_norm(params).item(), float(latest['grad_norm']),
                                       float(latest['update_norm']), latest['losses'])
+            latest['eval'] = eval_row(diag, losses, data, c)  # the report's too: its val_loss and val_bpb
             if master:
-                log.write(eval_row(diag, losses, data, c))
+                log.write(latest['eval'])
             if iter_num > iter_start:
                 save_checkpoint(checkpoint_path(c), raw_model, optimizer, psu, baara, diagnostics, data_gen,
                                 iter_num, latest, tok, c)
@@ -316,7 +316,7 @@ def run(c, rank, world):
         raw_model = distributed.unsharded(raw_model, config, device)
     if master:
         log.close()
-        finish(raw_model, data, diagnostics, iter_num, c, device, ctx)
+        finish(raw_model, data, diagnostics, latest['eval'], iter_num, c, device, ctx)
         end_s = time.time() - t_end
         print(f"time: training loop {t_end - t_start:.0f} s, end of run {end_s:.0f} s ({end_s / (time.time() - t_start):.0%})")
     distributed.teardown()
@@ -379,8 +379,9 @@ def build_model(config, state, source, c, world, rank):
 # checkpoints: all that the next steps read, so that a resumed run continues as the unbroken one
 
 def fresh_latest():
-    """What the next Def. 3.1 record reads: the last 50 logged losses, the latest ||g|| and logged update norm."""
-    return dict(losses=[], grad_norm=torch.zeros(()), update_norm=torch.zeros(()))
+    """What the next Def. 3.1 record reads: the last 50 logged losses, the latest ||g|| and logged update norm;
+    and the last eval's log row, for the report."""
+    return dict(losses=[], grad_norm=torch.zeros(()), update_norm=torch.zeros(()), eval=None)
 
 
 def rng_states(data_gen, device):
@@ -403,7 +404,7 @@ def save_checkpoint(path, model, optimizer, psu, baara, diagnostics, data_gen, i
                 tokenizer=tok.state(), iter_num=iter_num, ranks=ranks, psu={'ema': psu_state['ema']},
                 baara=baara_state, diagnostics=diagnostics.state_dict(),
                 latest=dict(losses=latest['losses'], grad_norm=float(latest['grad_norm']),
-                            update_norm=float(latest['update_norm'])))
+                            update_norm=float(latest['update_norm']), eval=latest['eval']))
     torch.save(ckpt, path + '.tmp')
     os.replace(path + '.tmp', path)  # atomic: a crash never leaves half a checkpoint
 
@@ -420,7 +421,7 @@ def restore_checkpoint(ckpt, model, optimizer, psu, baara, diagnostics, data_gen
     torch.set_rng_state(mine['rng']['torch'])
     if mine['rng']['cuda'] is not None and device.startswith('cuda'):
         torch.cuda.set_rng_state(mine['rng']['cuda'], device)
-    return ckpt['iter_num'], dict(ckpt['latest'], losses=list(ckpt['latest']['losses']))
+    return ckpt['iter_num'], {'eval': None, **ckpt['latest'], 'losses': list(ckpt['latest']['losses'])}
 
 
 def stop_nonfinite(iter_num, c):
@@ -428,15 +429,17 @@ def stop_nonfinite(iter_num, c):
                      f"checkpoint in {c['out_dir']!r} is untouched")
 
 
-def finish(model, data, diagnostics, iter_num, c, device, ctx):
-    """End of run: samples.txt, and report.json: which run (config, iteration, decoder), its metrics, Def. 3.1's verdict."""
+def finish(model, data, diagnostics, evaluation, iter_num, c, device, ctx):
+    """End of run: samples.txt, and report.json: which run (config, iteration, decoder), its metrics, Def. 3.1's verdict,
+    and its last eval's losses (`evaluation`: the log's row, None from a checkpoint older than this key)."""
     decoder = {k: c[k] for k in ('temperature', 'top_k', 'top_p')}
     with ctx:
         texts = sample_texts(model, data.tok, c['num_samples'], c['sample_tokens'], device=device, seed=c['seed'], **decoder)
     write_atomic(os.path.join(c['out_dir'], 'samples.txt'), '\n=====\n'.join(texts))
     verdict = diagnostics.verdict()
     metrics = sample_metrics(model, data, texts, decoder, c['batch_size'], c['dist_samples'], device, c['seed'], ctx)
-    report = dict(config=c, iter_num=iter_num, decoder=decoder, stability=verdict, metrics=metrics)
+    losses = {k: v for k, v in (evaluation or {}).items() if k in ('train_loss', 'val_loss', 'val_bpb', 'entropy_rate')}
+    report = dict(config=c, iter_num=iter_num, decoder=decoder, stability=verdict, losses=losses, metrics=metrics)
     write_atomic(os.path.join(c['out_dir'], 'report.json'), json.dumps(report, indent=1))
     print(summary(metrics))
     print(f"stability: {verdict['verdict']}; {len(texts)} samples in {c['out_dir']}/samples.txt, e.g.:")

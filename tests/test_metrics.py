@@ -206,7 +206,7 @@ def write_run(path, seed, lam, hf, channels='both', **more):
     with open(f'{path}/log.jsonl', 'w') as f:
         for i in range(30):
             f.write(json.dumps(dict(iter=i, loss=5 - i / 10, entropy=6 - i / 8)) + '\n')
-        f.write(json.dumps(dict(iter=30, val_loss=2.5)) + '\n')
+        f.write(json.dumps(dict(iter=30, val_loss=2.5, val_bpb=0.75)) + '\n')
 
 
 def test_cli_table_on_run_folders(tmp_path, capsys):
@@ -226,7 +226,9 @@ def test_cli_table_on_run_folders(tmp_path, capsys):
     assert '23.4% / 26.7%' in out and '- / 61.2%' in out and '30.0% / 26.3%' in out
     assert 'psu_channels=stats' in out and '50.0% / 61.2%' in out
     rows = {line.split('  ')[0]: line.split() for line in out.splitlines()}
-    assert rows['gpt 2026 tiny(1x32) synthetic'][-2:] == ['2.5000', 'stable']  # last val_loss, verdict
+    assert rows['gpt 2026 tiny(1x32) synthetic'][-3:] == ['2.5000', '0.7500', 'stable']  # last val_loss, val_bpb, verdict
+    real_eval = [r for r in map(json.loads, open(f'{real}/log.jsonl')) if 'val_loss' in r][-1]
+    assert rows['gpt 2026 tiny(2x32) synthetic'][-3:-1] == [f"{real_eval['val_loss']:.4f}", f"{real_eval['val_bpb']:.4f}"]
     assert rows['gpt 2026 tiny(2x32) synthetic'][-1] == 'undetermined'  # the real run
     hf = np.array([0.2345, 0.3])  # seeds 2026 and 2027 at lambda 0, the rest of their rows the same
     assert (f"gpt tiny(1x32) synthetic lambda=0 seeds [2026, 2027]: hf {hf.mean():.4g}±{hf.std(ddof=1):.2g}, "

@@ -142,6 +142,7 @@ def bad_inputs(tmp):
             (['--src=' + str(tmp / 'ok.txt'), '--val_fraction=1.5'], 'val_fraction must be in (0, 1)'),
             (['--src=' + str(tmp / 'ok.txt'), '--out=' + str(tmp / 'exists')], 'exists; pass --overwrite=True'),
             (['--src=' + str(tmp / 'ok.txt'), '--out=' + str(tmp / 'exists'), '--overwrite=True'], 'refusing to replace'),
+            (['--src=' + str(tmp / 'ok.txt'), '--out=' + str(tmp / 'ok.txt' / 'bins')], 'cannot make'),  # under a file
             ([], 'usage: python data.py --src=')]
 
 
@@ -258,6 +259,41 @@ def test_bins_errors(tmp_path, prepared):
     assert 'is missing' in broken('val.bin', os.remove)
     assert 'not a prepared-bins meta.json' in broken('meta.json', lambda p: open(p, 'w').write('{"dtype": "uint16"}'))
     assert 'not a prepared-bins meta.json' in broken('meta.json', lambda p: open(p, 'w').write('{not json'))
+
+
+def edit_meta(change):
+    """A meta.json editor for broken(): change(meta) edits the parsed dict in place."""
+    def edit(path):
+        meta = json.load(open(path))
+        change(meta)
+        json.dump(meta, open(path, 'w'))
+    return edit
+
+
+@pytest.mark.parametrize('tokenizer, change, why', [
+    ('gpt2', lambda m: m['tokenizer'].update(name='gpt2-compact'), 'vocab_size'),  # no ids kept: not compact
+    ('gpt2', lambda m: m.update(vocab_size=50304), 'vocab_size'),
+    ('gpt2', lambda m: m.update(dtype='uint32'), 'dtype'),  # 50257 ids are uint16 bins
+    ('gpt2', lambda m: m['splits']['val'].update(bytes=1), 'splits'),  # fewer bytes than tokens: bits per byte off
+    ('gpt2', lambda m: m['token_counts'].__setitem__(0, -1), 'token_counts'),
+    ('gpt2', lambda m: m['token_counts'].__setitem__(0, m['token_counts'][0] + 1), 'token_counts'),  # not the bins' count
+    ('char', lambda m: m['tokenizer']['chars'].reverse(), 'tokenizer'),  # the ids would read as other characters
+    ('char', lambda m: m['tokenizer']['chars'].pop(), 'vocab_size'),
+    ('char', lambda m: m['tokenizer'].update(chars=list(range(len(m['tokenizer']['chars'])))), 'tokenizer'),
+    ('char', lambda m: m.update(tokenizer={'name': 'gpt2', 'keep': None}), 'vocab_size'),
+    ('char', lambda m: m['tokenizer'].pop('chars'), "KeyError: 'chars'")])
+def test_meta_that_cannot_describe_its_bins_is_one_line(tmp_path, prepared, tokenizer, change, why):
+    """meta.json is checked against its tokenizer and its own counts before anything trains (each edit once
+    ran, silently or into a traceback)."""
+    src, good = prepared
+    if tokenizer == 'char':
+        good = str(tmp_path / 'char')
+        data.prepare(src, good, tokenizer='char', val_fraction=0.1)
+    out = str(tmp_path / 'bins')
+    shutil_copy(good, out)
+    edit_meta(change)(os.path.join(out, 'meta.json'))
+    msg = one_line_error(out)
+    assert 'not a prepared-bins meta.json' in msg and why in msg
 
 
 def shutil_copy(a, b):

@@ -100,8 +100,11 @@ THEOREM = ('forward_kl', 'reverse_kl', 'off_support', 'model_entropy', 'train_sh
 
 
 def test_report_has_the_theorem_keys_and_the_decoder(gpt_run, capsys):
-    """report.json: the six distribution metrics with their standard errors, entropy_rate, and the decoder."""
+    """report.json: the six distribution metrics with their standard errors, entropy_rate, and the decoder;
+    the last eval's losses, validation bits per byte among them, as the log has them."""
     report = json.load(open(os.path.join(gpt_run, 'report.json')))
+    last_eval = evals(read_log(gpt_run))[-1]
+    assert report['losses'] == {k: last_eval[k] for k in ('train_loss', 'val_loss', 'val_bpb', 'entropy_rate')}
     m = report['metrics']
     assert set(THEOREM) | {k + '_se' for k in THEOREM} | {'entropy_rate', 'val_gap', 'excess'} <= set(m)
     assert report['decoder'] == {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0}
@@ -171,6 +174,9 @@ def test_resume_is_exact(tmp_path):
     assert open(os.path.join(a, 'samples.txt')).read() == open(os.path.join(b, 'samples.txt')).read()
     ra, rb = (json.load(open(os.path.join(d, 'report.json'))) for d in (a, b))
     assert ra['stability'] == rb['stability']
+    assert ra['losses'] == rb['losses'] and set(ra['losses']) == {'train_loss', 'val_loss', 'val_bpb', 'entropy_rate'}
+    run(b, '--init_from=resume', '--max_iters=20')  # at its end: no eval runs, the checkpoint has the last one
+    assert json.load(open(os.path.join(b, 'report.json')))['losses'] == ra['losses']
 
 
 def test_bert_trains_and_samples(tmp_path, capsys):
