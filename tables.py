@@ -77,7 +77,7 @@ def collect_rows(run_dirs):
     datas = {c.get('data', '?') for c, *_ in reports}  # by basename, if that tells them apart
     full = len({os.path.basename(x) or x for x in datas}) < len(datas)
     paper, runs = {}, []
-    for c, m, stability, val in reports:
+    for c, m, stability, last_eval in reports:
         data, size = c.get('data', '?'), str(c.get('size', '?'))
         changed = [f"{k}={c[k]}" for k, v in ABLATION.items() if k in c and c[k] != v]
         changed += [f"{k}={c.get(k)}" for k in differ if k not in ABLATION and k not in IN_LABEL]
@@ -85,7 +85,7 @@ def collect_rows(run_dirs):
                data if full else os.path.basename(data) or data, ' '.join(changed))
         scale = next((s for s in ('2B', '3B') if s.lower() in size), '1B')  # the paper's row
         paper[row] = dict(zip(PAPER_LAMBDAS, PAPER.get((c.get('model'), c.get('seed'), scale), ())))
-        runs.append((row, float(c.get('psu_lambda', 0.0)), m, stability.get('verdict', '-'), val))
+        runs.append((row, float(c.get('psu_lambda', 0.0)), m, stability.get('verdict', '-'), last_eval))
     rows = list(paper)  # by row, first seen first, then by lambda
     return paper, sorted(runs, key=lambda run: (rows.index(run[0]), run[1]))
 
@@ -118,10 +118,10 @@ def print_table(paper, runs):
     print("\nOther metrics and the stability verdict; "
           "last rows: the text metrics of each corpus cut like the samples")
     print_row('row', ['lambda'] + [name for name, _, _ in COLUMNS] + ['val_loss', 'val_bpb', 'verdict'], width)
-    for row, lam, m, verdict, val in runs:  # val_bpb: bits per byte of the validation text, across tokenizers
+    for row, lam, m, verdict, last_eval in runs:  # val_bpb: bits per byte of the validation text, across tokenizers
         cols = [fmt(m.get(k), spec) for _, k, spec in COLUMNS]
-        print_row(row_label(row), [f'{lam:g}'] + cols + [fmt(val.get('val_loss'), '.4f'), fmt(val.get('val_bpb'), '.4f'),
-                                                         verdict], width)
+        losses = [fmt(last_eval.get('val_loss'), '.4f'), fmt(last_eval.get('val_bpb'), '.4f')]
+        print_row(row_label(row), [f'{lam:g}'] + cols + losses + [verdict], width)
     refs = {row[3]: m['corpus'] for row, _, m, _, _ in runs if m.get('corpus')}  # by data: the last
     for data, ref in refs.items():
         print_row(f'corpus {data}', [''] + [fmt(ref.get(k), spec) for _, k, spec in COLUMNS], width)
@@ -196,11 +196,11 @@ def theorem_rows(run_dirs):
               if k not in NOT_SETTINGS + shown}
     usual = {k: max(dict.fromkeys(v), key=v.count) for k, v in values.items()}  # ties: the first run's value
     rows = []
-    for d, (c, m, stability, val) in zip(run_dirs, reports):
+    for d, (c, m, stability, last_eval) in zip(run_dirs, reports):
         excess = m['train_share'] - m['train_true_mass'] if m.get('train_share') is not None else None
         lam = float(c.get('psu_lambda', 0.0))
         rows.append(dict(run=d, size=c.get('n_sentences'), lam=lam, steps=c.get('max_iters'),
-                         channel=c.get('psu_channels') if lam > 0 else '-', val_loss=val.get('val_loss'),
+                         channel=c.get('psu_channels') if lam > 0 else '-', val_loss=last_eval.get('val_loss'),
                          other=' '.join(f"{k}={c[k]}" for k in usual if k in c and repr(c[k]) != usual[k]),
                          metrics={**m, 'excess': excess}, stability=stability))
     return sorted(rows, key=lambda r: (r['size'] or 0, r['other'], r['steps'] or 0, r['lam'], r['channel']))

@@ -411,7 +411,7 @@ def save_checkpoint(path, model, optimizer, psu, baara, diagnostics, data_gen, i
 
 def restore_checkpoint(ckpt, model, optimizer, psu, baara, diagnostics, data_gen, device, rank):
     """save_checkpoint's mirror (the model's weights are loaded when it is built). -> (iter_num, latest)."""
-    distributed.load_optimizer(model, optimizer, ckpt['optimizer'])
+    distributed.load_optimizer(model, optimizer, ckpt['optimizer'])  # with its groups' settings: unfused stays so
     mine = ckpt['ranks'][rank]
     psu.load_state_dict({**ckpt['psu'], **mine['psu']})
     if baara and ckpt['baara'] is not None:  # BAARA switched on at resume starts afresh

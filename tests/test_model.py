@@ -402,7 +402,7 @@ def test_generate_masked_fills_every_mask():
 
 def test_generate_masked_draws_from_the_decoder():
     """BERT's mask-predict samples from decoder_logits' distribution, as GPT's generate does: a nucleus
-    of one token (top_p below every second token's mass) is greedy, token for token; plain sampling is not."""
+    of one token (top_p below the top token's mass) is greedy, token for token; plain sampling is not."""
     torch.manual_seed(11)
     V = 51
     m = GPT(tiny(vocab_size=V, causal=False)).eval()
@@ -411,3 +411,28 @@ def test_generate_masked_draws_from_the_decoder():
     greedy = draw(temperature=0)
     assert torch.equal(draw(top_p=1e-6), greedy)
     assert not torch.equal(draw(), greedy)  # 96 positions over 50 tokens: sampling is not greedy
+
+
+def test_mask_predict_keeps_the_positions_the_model_is_surest_of():
+    """Each round keeps the positions whose drawn token the model (not the decoder) gives the most probability:
+    under greedy decoding every drawn token has decoder probability 1, a tie. Two [MASK]s, two rounds: the surer
+    position (here the second, so an order by index would differ) is filled first, the other given it."""
+    torch.manual_seed(21)
+    V = 51
+    m = GPT(tiny(vocab_size=V, causal=False)).eval()
+    mask = M.mask_id(V)
+    idx = torch.full((1, 2), mask)
+
+    def greedy_fill(filled, position):
+        with torch.no_grad():
+            logits, _ = m(filled)
+        logits[..., mask] = -float('inf')
+        filled = filled.clone()
+        filled[0, position] = logits[0, position].argmax()
+        return filled, logits.softmax(-1).amax(-1)[0]  # and each position's top probability
+    _, surest = greedy_fill(idx, 0)
+    first = int(surest.argmax())
+    assert first == 1
+    expected = greedy_fill(greedy_fill(idx, first)[0], 1 - first)[0]
+    assert not torch.equal(expected, greedy_fill(greedy_fill(idx, 1 - first)[0], first)[0])  # the order matters
+    assert torch.equal(m.generate_masked(idx, mask, steps=2, temperature=0), expected)

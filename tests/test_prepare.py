@@ -271,7 +271,7 @@ def edit_meta(change):
 
 
 @pytest.mark.parametrize('tokenizer, change, why', [
-    ('gpt2', lambda m: m['tokenizer'].update(name='gpt2-compact'), 'vocab_size'),  # no ids kept: not compact
+    ('gpt2', lambda m: m['tokenizer'].update(name='gpt2-compact'), 'tokenizer'),  # no ids kept: not compact
     ('gpt2', lambda m: m.update(vocab_size=50304), 'vocab_size'),
     ('gpt2', lambda m: m.update(dtype='uint32'), 'dtype'),  # 50257 ids are uint16 bins
     ('gpt2', lambda m: m['splits']['val'].update(bytes=1), 'splits'),  # fewer bytes than tokens: bits per byte off

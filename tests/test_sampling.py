@@ -194,13 +194,15 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 TOK = SimpleNamespace(eot=0, encode=lambda s: [1] * len(s), decode=lambda row: ' '.join(map(str, row)))
 
 
-def test_sample_texts_decoders():
-    m = model()
+@pytest.mark.parametrize('causal', [True, False], ids=['gpt', 'bert'])
+def test_sample_texts_decoders(causal):
+    """GPT and BERT (mask-predict) alike: a one-token nucleus is greedy, top_p=1 is plain sampling."""
+    m = model(causal=causal)
     greedy = sample.sample_texts(m, TOK, 5, 10, temperature=0)
-    assert len(set(greedy)) == 1  # one prompt, one argmax continuation
+    assert len(set(greedy)) == 1  # one prompt (or all-[MASK] row), one argmax continuation
     nucleus = sample.sample_texts(m, TOK, 5, 10, top_p=1e-6)
     assert nucleus == greedy
-    assert sample.sample_texts(m, TOK, 5, 10, top_p=1.0) == sample.sample_texts(m, TOK, 5, 10)
+    assert sample.sample_texts(m, TOK, 5, 10, top_p=1.0) == sample.sample_texts(m, TOK, 5, 10) != greedy
 
 
 def clock(monkeypatch, step):
