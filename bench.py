@@ -33,13 +33,15 @@ from configurator import DEVICE, auto_device, auto_dtype, exit_if_help, parse_fl
 BENCH = dict(steps=25, warmup=3, seed=1337, metrics_words=1_000_000, distribution_n=5000,
              prepare_mb=10.0,  # MB of text for the data.prepare line
              threads=0,  # torch CPU threads; 0 = torch's default. On a shared machine 1 gives steadier ratios
-             logged_size='gpt2', logged_batch=1, logged_block=64,  # the logged / unlogged row: GPT-2 124M, 1x64 tokens
+             logged_size='gpt2',  # the logged / unlogged rows' model: GPT-2 124M (at LOGGED_SHAPES)
              nanogpt='',  # PATH to nanoGPT's model.py for the row against it ('' skips that row)
              device='auto',  # cuda where torch sees a GPU, else cpu
              dtype='auto')  # train.py's: bfloat16 on a GPU with native bf16, else float32
 RULES = dict(steps='>= 1', warmup='>= 0', seed='>= 0', metrics_words='>= 1', distribution_n='>= 2', prepare_mb='> 0', threads='>= 0',
-             logged_size='tiny | gpt2', logged_batch='>= 1', logged_block='>= 1', nanogpt='any',
+             logged_size='tiny | gpt2', nanogpt='any',
              device=DEVICE, dtype='auto | float32 | bfloat16')  # configurator.py's rules, as train.py's
+
+LOGGED_SHAPES = ((1, 64), (8, 256))  # batch x block of the logged rows: a step as short as GPT-2 124M takes, and a real batch
 
 if __name__ == '__main__':  # the config above comes before torch is imported, so that --help answers at once
     exit_if_help(sys.argv[1:], __doc__, BENCH, RULES)
@@ -324,12 +326,15 @@ def gpu_rows(b, pair, size=GPT2, label='GPT-2 124M', vocab=50304):
 
 def logged_rows(b, pair):
     """A logged step (train_step measuring ||theta_t - theta_{t-1}||, the entropy and the log's host
-    syncs) over an unlogged one, on one model at logged_size (GPT-2 124M: few steps, each takes seconds)."""
+    syncs) over an unlogged one, on one model at logged_size (GPT-2 124M: few steps, each takes seconds),
+    at each of LOGGED_SHAPES: the measuring costs about the same time at any batch, so the ratio is worst
+    at the smallest."""
     n_layer, n_head, n_embd = train.SIZES[b['logged_size']]
-    size = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, batch_size=b['logged_batch'], block_size=b['logged_block'])
-    setup = Setup(random_tokens(50304), b, **size)
-    label = f"{b['logged_size']} ({setup.model.get_num_params() / 1e6:.0f}M), {size['batch_size']}x{size['block_size']} tokens"
-    pair(f'logged / unlogged step, {label}', setup, Logged(setup), 1.05, steps=min(b['steps'], 3))
+    for batch_size, block_size in LOGGED_SHAPES:
+        setup = Setup(random_tokens(50304), b, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                      batch_size=batch_size, block_size=block_size)
+        label = f"{b['logged_size']} ({setup.model.get_num_params() / 1e6:.0f}M), {batch_size}x{block_size} tokens"
+        pair(f'logged / unlogged step, {label}', setup, Logged(setup), 1.05, steps=min(b['steps'], 3))
 
 
 def nanogpt_row(b, data, tiny, pair, rows):

@@ -43,8 +43,9 @@ def flat(tensors):
 
 
 def pieces(t, n):
-    """This rank's shard of t (all of t without FSDP), detached and flat, as views of n elements each."""
-    return local(t.detach()).reshape(-1).split(n)
+    """This rank's shard of t (all of t without FSDP), detached and flat, as views of n elements each
+    (views: writing into them writes t; view(-1) refuses a tensor it would have to copy)."""
+    return local(t.detach()).view(-1).split(n)
 
 
 def whole(part, like):

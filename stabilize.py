@@ -25,6 +25,7 @@ from itertools import repeat
 
 import torch
 import torch.nn.functional as F
+from torch.optim.adamw import adamw
 
 from distributed import copy_full_, full_tensor, gather_to_cpu, is_sharded, pieces, sum_shards_
 
@@ -213,37 +214,49 @@ def std(xs):
 
 
 @torch.no_grad()
-def update_norm(optimizer, psu=None):
-    """||theta_t - theta_{t-1}|| with no parameter copy: AdamW's step rebuilt from its state (adamw_step) plus
-    PSU's pull to come (pending_pull). Call it right after optimizer.step(), while gradients mark what AdamW moved
-    (BAARA's P_S leaves some without). Read in pieces of PIECE elements; under FSDP summed over the ranks."""
+def step_measuring_update(optimizer, psu=None):
+    """optimizer.step() that also returns ||theta_t - theta_{t-1}|| (Def. 3.1), PSU's pull to come included
+    (pending_pull), with no parameter copy: adamw_pieces steps each parameter PIECE elements at a time and
+    hands back each piece's difference while it is in cache. theta_t is one optimizer.step()'s bit for bit
+    (AdamW is elementwise; tested). Gradients mark what AdamW moves (BAARA's P_S leaves some without);
+    under FSDP the squares are summed over the ranks."""
     theta_bar = dict(zip(psu.params, psu.ema)) if psu is not None and psu.params_on else {}
     squares = []
     for group in optimizer.param_groups:
         for p in group['params']:
             if p.grad is None and p not in theta_bar:
                 continue  # neither AdamW nor PSU moves it
-            steps = adamw_step(p, optimizer.state[p], group) if p.grad is not None else repeat(0)
+            steps = adamw_pieces(optimizer, group, p) if p.grad is not None else ((t, None) for t in pieces(p, PIECE))
             bars = pieces(theta_bar[p], PIECE) if p in theta_bar else repeat(None)
-            for theta, d, bar in zip(pieces(p, PIECE), steps, bars):
+            for (theta, d), bar in zip(steps, bars):
                 if bar is not None:
-                    d = d + psu.pending_pull(theta, bar)
-                squares.append(torch.linalg.vector_norm(d) ** 2)
+                    pull = psu.pending_pull(theta, bar)
+                    d = pull if d is None else d.add_(pull)
+                squares.append(torch.dot(d, d))  # BLAS: 1e-8 relative at 2^18 elements
     return sum_shards_(torch.stack(squares).sum(), is_sharded(optimizer.param_groups[0]['params'])).sqrt()
 
 
-def adamw_step(p, state, group):
-    """theta' - theta_{t-1} of the parameter p that torch.optim.AdamW (decoupled weight decay) has just
-    stepped, in pieces of PIECE elements. With its group's lr, wd (BAARA may have scaled lr), k = state['step']:
-        theta' = theta_{t-1} (1 - lr wd) - u,   u = lr / (1 - beta1^k) * m / (sqrt(v / (1 - beta2^k)) + eps)
-    (m, v: the updated moments), so theta' - theta_{t-1} = -(lr wd theta' + u) / (1 - lr wd)."""
-    assert not group['amsgrad'] and not group['maximize'], 'update_norm rebuilds plain AdamW steps'
-    lr, wd, (beta1, beta2), eps = group['lr'], group['weight_decay'], group['betas'], group['eps']
-    k = float(state['step'])
-    step_size, bc2_sqrt = lr / (1 - beta1 ** k), math.sqrt(1 - beta2 ** k)
-    for theta, m, v in zip(pieces(p, PIECE), pieces(state['exp_avg'], PIECE), pieces(state['exp_avg_sq'], PIECE)):
-        denom = v.sqrt().div_(bc2_sqrt).add_(eps)
-        yield torch.addcdiv(theta * (lr * wd), m, denom, value=step_size).div_(lr * wd - 1)
+def adamw_pieces(optimizer, group, p):
+    """Step the parameter p as optimizer.step() would (torch's own AdamW, functional form, on the group's
+    settings: BAARA may have scaled its lr), PIECE elements at a time. Yields each stepped piece theta_t and
+    theta_t - theta_{t-1}, held in one PIECE-sized buffer that the next piece reuses."""
+    assert not group['amsgrad'], "train.py's AdamW keeps no max_exp_avg_sq"
+    state = optimizer.state[p]
+    if not state:  # AdamW's first step: its state, made as torch.optim.AdamW makes it
+        on_device = group['fused'] or group['capturable']
+        state.update(step=torch.zeros((), dtype=torch.float32, device=p.device if on_device else 'cpu'),
+                     exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    step, (beta1, beta2) = state['step'].clone(), group['betas']  # each piece's call counts its own step
+    buffer = None
+    for theta, g, m, v in zip(*(pieces(t, PIECE) for t in (p, p.grad, state['exp_avg'], state['exp_avg_sq']))):
+        buffer = torch.empty_like(theta) if buffer is None else buffer  # the first piece is the longest
+        before = buffer[:theta.numel()].copy_(theta)  # theta_{t-1}
+        adamw([theta], [g], [m], [v], [], [step.clone()], foreach=group['foreach'], fused=group['fused'],
+              capturable=group['capturable'], differentiable=group['differentiable'], amsgrad=False,
+              beta1=beta1, beta2=beta2, lr=group['lr'], weight_decay=group['weight_decay'], eps=group['eps'],
+              maximize=group['maximize'])
+        yield theta, torch.sub(theta, before, out=before)  # theta_t - theta_{t-1}
+    state['step'].add_(1)
 
 
 def param_norm(params):

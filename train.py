@@ -89,7 +89,7 @@ from metrics import summary
 from model import GPT, GPTConfig, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_id, mask_tokens, peak_flops
 from runfolder import RunLog, checkpoint_path, resumed_config, run_folder, write_atomic
 from sample import sample_metrics, sample_texts
-from stabilize import PSU, Diagnostics, param_norm, predictive_entropy, update_norm
+from stabilize import PSU, Diagnostics, param_norm, predictive_entropy, step_measuring_update
 
 
 def get_config(argv):
@@ -193,8 +193,11 @@ def train_step(model, optimizer, next_batch, lr, psu=None, baara=None, accum=1, 
         baara.act(optimizer, lr)
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf))
-    optimizer.step()
-    update = update_norm(optimizer, psu) if measure else None  # Def. 3.1's ||theta_t - theta_{t-1}||, no copy
+    update = None
+    if measure:  # the same step, bit for bit, also measuring Def. 3.1's ||theta_t - theta_{t-1}|| (no copy)
+        update = step_measuring_update(optimizer, psu)
+    else:
+        optimizer.step()
     if baara:
         baara.finish()  # v_b (eq. 65), read by the next step's act()
     optimizer.zero_grad(set_to_none=True)

@@ -16,13 +16,15 @@ def test_bench_prints_every_row(capsys):
     """With one timed step the B/A ratio is B's time over A's, both printed (in ms, to 0.1): the
     ratio must agree with them to their rounding, and a goal is met exactly when ratio <= goal."""
     bench.main(['--steps=1', '--warmup=0', '--metrics_words=2000', '--distribution_n=50', '--prepare_mb=0.5', '--device=cpu', '--dtype=float32',
-                '--logged_size=tiny', '--logged_batch=2', '--logged_block=16'])  # the logged row at a tiny size, not 124M
+                '--logged_size=tiny'])  # the logged rows at a tiny size, not 124M
     out = capsys.readouterr().out
     assert out.startswith('machine: ')
     rows = ROW.findall(out)
     assert [(name, goal) for name, _, _, _, goal, _ in rows] == [
         ('DMU', '0.65'), ('DMU', ''), ('DTU', ''), ('PSU', '1.05'), ('BAARA', '1.1'), ('train step from bins', '1.02'),
-        ('AdamW step fused / default', ''), ('AdamW step fused / default', ''), ('logged / unlogged step', '1.05')]
+        ('AdamW step fused / default', ''), ('AdamW step fused / default', ''), ('logged / unlogged step', '1.05'),
+        ('logged / unlogged step', '1.05')]
+    assert re.findall(r'^logged / unlogged step, tiny \(\d+M\), (\d+x\d+) tokens', out, re.M) == ['1x64', '8x256']
     for name, a, b, ratio, goal, verdict in rows:
         a, b, ratio = float(a), float(b), float(ratio)
         assert a > 0 and b > 0

@@ -183,22 +183,45 @@ def tiny_training(wd, lam, baara_on, vocab=None, seed=0):
 
 @pytest.mark.parametrize('wd, lam, baara_on', [(0.0, 0.0, False), (0.1, 0.0, False), (0.1, 0.2, False), (0.1, 0.2, True)],
                          ids=['adamw', 'weight decay', 'psu params', 'baara'])
-def test_update_norm_is_the_snapshot_difference(wd, lam, baara_on):
-    """train_step(measure=True)'s update norm, rebuilt from AdamW's state (and PSU's pull), is the old
-    ||theta_t - theta_{t-1}|| of a parameter copy, over 30 steps. Bound: the copy's difference carries
-    the rounding of the stored theta_t, half an ulp (2^-24 relative) per element at each of AdamW's two
-    roundings (decay, addcdiv) and PSU's pull: 3 * 2^-24 * ||theta_t||, here about 2e-6 (updates ~0.1)."""
+def test_update_norm_is_the_snapshot_difference(wd, lam, baara_on, monkeypatch):
+    """train_step(measure=True)'s update norm (step_measuring_update: AdamW's step taken in pieces, each
+    piece's difference kept; PSU's pull to come added) is ||theta_t - theta_{t-1}|| of a parameter copy,
+    over 30 steps, pieces of 1000 elements (the embedding splits into several). The differences are the
+    same fp32 subtractions, so only the sum's order differs: 1e-6 relative against the copy's norm in
+    float64; PSU's pull is computed once more (pending_pull), ulps apart: 2^-24 ||theta_t|| absolute."""
+    import stabilize
     import train
-    from stabilize import global_norm, param_norm
+    from stabilize import param_norm
+    monkeypatch.setattr(stabilize, 'PIECE', 1000)
     model, optimizer, psu, baara, next_batch = tiny_training(wd, lam, baara_on)
     params, scopes = list(model.parameters()), set()
+    assert params[0].numel() > 3 * 1000
     for _ in range(30):
         before = [p.detach().clone() for p in params]
         _, _, update, _, _ = train.train_step(model, optimizer, next_batch, 3e-3, psu, baara, measure=True)
-        snapshot = global_norm([p.detach() - b for p, b in zip(params, before)])
-        assert update.item() == pytest.approx(snapshot.item(), abs=3 * 2 ** -24 * param_norm(params).item(), rel=0)
+        snapshot = math.sqrt(sum(((p.detach() - b).double() ** 2).sum().item() for p, b in zip(params, before)))
+        assert update.item() == pytest.approx(snapshot, rel=1e-6, abs=2 ** -24 * param_norm(params).item() if lam else 0)
         scopes.add(baara.last['scope'] if baara else 'all')
     assert scopes == ({'all', 'top'} if baara_on else {'all'})  # with BAARA, steps that froze blocks were checked
+
+
+@pytest.mark.parametrize('lam, baara_on', [(0.0, False), (0.2, False), (0.2, True)], ids=['adamw', 'psu both', 'baara'])
+def test_a_logged_step_takes_the_unlogged_step(lam, baara_on, monkeypatch):
+    """Measuring changes nothing: from a fresh optimiser (AdamW's state made on the first step, a logged
+    one), 12 steps logged every third give the parameters and AdamW state of 12 unlogged steps (one
+    optimizer.step() each) bit for bit, with pieces of 1000 elements, the last of a tensor shorter."""
+    import stabilize
+    import train
+    monkeypatch.setattr(stabilize, 'PIECE', 1000)
+    logged, unlogged = tiny_training(0.1, lam, baara_on), tiny_training(0.1, lam, baara_on)
+    for step in range(12):
+        for (model, optimizer, psu, baara, next_batch), measure in ((logged, step % 3 == 0), (unlogged, False)):
+            train.train_step(model, optimizer, next_batch, 3e-3, psu, baara, measure=measure)
+    for p, q in zip(logged[0].parameters(), unlogged[0].parameters()):
+        assert torch.equal(p, q)
+        state, reference = logged[1].state[p], unlogged[1].state[q]
+        assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
+    assert logged[1].state[p]['step'].item() == 12  # every step counted once, whatever its pieces
 
 
 def test_fused_adamw_on_the_cpu_trains_as_the_default_adamw():
@@ -241,20 +264,21 @@ class LargestNewTensor(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize('lam', [0.0, 0.2], ids=['psu off', 'psu both'])
 def test_logged_step_allocates_no_parameter_or_logits_sized_tensor(lam, monkeypatch):
-    """What a logged step measures (train_step's update_norm, then logged_numbers: the entropy, the
-    host syncs) allocates no tensor over PIECE floats (1 MiB), a quarter of the embedding (16384 x 64
+    """What a logged step measures (train_step's step_measuring_update, then logged_numbers: the entropy,
+    the host syncs) allocates no tensor over PIECE floats (1 MiB), a quarter of the embedding (16384 x 64
     floats, 4 MiB) and an eighth of the logits (8 x 16 x 16384, 8 MiB): no copy of the parameters or
-    of the logits, at any model size."""
+    of the logits, at any model size. AdamW's own state (m, v) is made by a run's first step, before."""
     import train
-    from stabilize import PIECE, update_norm
+    from stabilize import PIECE, step_measuring_update
     model, optimizer, psu, _, _ = tiny_training(0.1, lam, False, vocab=16384)
     x = torch.randint(16384, (8, 16), generator=torch.Generator().manual_seed(0))
     mode = LargestNewTensor()
 
     def measured(*args):
         with mode:
-            return update_norm(*args)
-    monkeypatch.setattr(train, 'update_norm', measured)
+            return step_measuring_update(*args)
+    monkeypatch.setattr(train, 'step_measuring_update', measured)
+    train.train_step(model, optimizer, lambda: (x, x), 3e-3, psu)  # the first step: AdamW's m and v
     for _ in range(2):
         _, grad_norm, update, logits, y = train.train_step(model, optimizer, lambda: (x, x), 3e-3, psu, measure=True)
         with mode:
