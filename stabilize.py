@@ -30,7 +30,10 @@ from torch.optim.adamw import adamw
 from distributed import copy_full_, full_tensor, gather_to_cpu, is_sharded, pieces, sum_shards_
 
 SCALE_FLOOR = 0.05
-PIECE = 1 << 18  # elements of a tensor that the logged step's measurements hold at a time (1 MiB in fp32)
+# Elements of a tensor that the logged step's measurements hold at a time (1 MiB in fp32). A multiple of
+# the widest SIMD vector: the fused AdamW kernel rounds a call's leftover tail apart from its vectors, so a
+# step in pieces matches one whole step bit for bit only where every piece but the last is whole vectors.
+PIECE = 1 << 18
 
 
 class PSU:
@@ -71,7 +74,7 @@ class PSU:
     def pull(self, measure=False):
         """The parameter channel: move theta_bar toward theta, then theta toward theta_bar.
         measure=True (logged steps) also keeps the pull's norm lambda * ||theta_bar - theta||, one
-        parameter's difference at a time; update_norm has measured the pull before (pending_pull)."""
+        parameter's difference at a time; step_measuring_update has measured the pull before (pending_pull)."""
         torch._foreach_lerp_(self.ema, self.params, 1 - self.beta)
         if measure:
             self.last['pull_norm'] = self.lam * global_norm(e - p for e, p in zip(self.ema, self.params))
@@ -218,7 +221,7 @@ def step_measuring_update(optimizer, psu=None):
     """optimizer.step() that also returns ||theta_t - theta_{t-1}|| (Def. 3.1), PSU's pull to come included
     (pending_pull), with no parameter copy: adamw_pieces steps each parameter PIECE elements at a time and
     hands back each piece's difference while it is in cache. theta_t is one optimizer.step()'s bit for bit
-    (AdamW is elementwise; tested). Gradients mark what AdamW moves (BAARA's P_S leaves some without);
+    (AdamW is elementwise and PIECE whole SIMD vectors; tested). Gradients mark what AdamW moves (BAARA's P_S leaves some without);
     under FSDP the squares are summed over the ranks."""
     theta_bar = dict(zip(psu.params, psu.ema)) if psu is not None and psu.params_on else {}
     squares = []
@@ -232,7 +235,7 @@ def step_measuring_update(optimizer, psu=None):
                 if bar is not None:
                     pull = psu.pending_pull(theta, bar)
                     d = pull if d is None else d.add_(pull)
-                squares.append(torch.dot(d, d))  # BLAS: 1e-8 relative at 2^18 elements
+                squares.append(torch.dot(d, d))  # ~1e-7 relative (a whole-tensor vector_norm: 3e-3 at 38M elements)
     return sum_shards_(torch.stack(squares).sum(), is_sharded(optimizer.param_groups[0]['params'])).sqrt()
 
 
@@ -246,7 +249,8 @@ def adamw_pieces(optimizer, group, p):
         on_device = group['fused'] or group['capturable']
         state.update(step=torch.zeros((), dtype=torch.float32, device=p.device if on_device else 'cpu'),
                      exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-    step, (beta1, beta2) = state['step'].clone(), group['betas']  # each piece's call counts its own step
+    step, (beta1, beta2) = state['step'].clone(), group['betas']  # each piece's call adds 1 to its own copy
+    state['step'].add_(1)  # the state counts the step once
     buffer = None
     for theta, g, m, v in zip(*(pieces(t, PIECE) for t in (p, p.grad, state['exp_avg'], state['exp_avg_sq']))):
         buffer = torch.empty_like(theta) if buffer is None else buffer  # the first piece is the longest
@@ -256,7 +260,6 @@ def adamw_pieces(optimizer, group, p):
               beta1=beta1, beta2=beta2, lr=group['lr'], weight_decay=group['weight_decay'], eps=group['eps'],
               maximize=group['maximize'])
         yield theta, torch.sub(theta, before, out=before)  # theta_t - theta_{t-1}
-    state['step'].add_(1)
 
 
 def param_norm(params):

@@ -186,16 +186,16 @@ def tiny_training(wd, lam, baara_on, vocab=None, seed=0):
 def test_update_norm_is_the_snapshot_difference(wd, lam, baara_on, monkeypatch):
     """train_step(measure=True)'s update norm (step_measuring_update: AdamW's step taken in pieces, each
     piece's difference kept; PSU's pull to come added) is ||theta_t - theta_{t-1}|| of a parameter copy,
-    over 30 steps, pieces of 1000 elements (the embedding splits into several). The differences are the
+    over 30 steps, pieces of 1024 elements (the embedding splits into several). The differences are the
     same fp32 subtractions, so only the sum's order differs: 1e-6 relative against the copy's norm in
     float64; PSU's pull is computed once more (pending_pull), ulps apart: 2^-24 ||theta_t|| absolute."""
     import stabilize
     import train
     from stabilize import param_norm
-    monkeypatch.setattr(stabilize, 'PIECE', 1000)
+    monkeypatch.setattr(stabilize, 'PIECE', 1024)
     model, optimizer, psu, baara, next_batch = tiny_training(wd, lam, baara_on)
     params, scopes = list(model.parameters()), set()
-    assert params[0].numel() > 3 * 1000
+    assert params[0].numel() > 3 * 1024
     for _ in range(30):
         before = [p.detach().clone() for p in params]
         _, _, update, _, _ = train.train_step(model, optimizer, next_batch, 3e-3, psu, baara, measure=True)
@@ -205,23 +205,36 @@ def test_update_norm_is_the_snapshot_difference(wd, lam, baara_on, monkeypatch):
     assert scopes == ({'all', 'top'} if baara_on else {'all'})  # with BAARA, steps that froze blocks were checked
 
 
-@pytest.mark.parametrize('lam, baara_on', [(0.0, False), (0.2, False), (0.2, True)], ids=['adamw', 'psu both', 'baara'])
-def test_a_logged_step_takes_the_unlogged_step(lam, baara_on, monkeypatch):
+def with_adamw(training, **kind):
+    """tiny_training's parts with its AdamW rebuilt (the same groups and settings) as AdamW(**kind)."""
+    model, optimizer, psu, baara, next_batch = training
+    groups = [{'params': g['params'], 'weight_decay': g['weight_decay']} for g in optimizer.param_groups]
+    return model, torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.99), **kind), psu, baara, next_batch
+
+
+@pytest.mark.parametrize('lam, baara_on, kind', [(0.0, False, {}), (0.2, False, {}), (0.2, True, {}), (0.2, True, {'foreach': True})],
+                         ids=['adamw', 'psu both', 'baara', 'baara foreach'])
+def test_a_logged_step_takes_the_unlogged_step(lam, baara_on, kind, monkeypatch):
     """Measuring changes nothing: from a fresh optimiser (AdamW's state made on the first step, a logged
-    one), 12 steps logged every third give the parameters and AdamW state of 12 unlogged steps (one
-    optimizer.step() each) bit for bit, with pieces of 1000 elements, the last of a tensor shorter."""
+    one), 12 steps logged every third give the parameters and AdamW state (values, dtypes, devices) of 12
+    unlogged steps (one optimizer.step() each) bit for bit, with pieces of 1024 elements (whole SIMD
+    vectors; a tensor's last piece shorter). train.py's fused AdamW, and the foreach one of other devices."""
     import stabilize
     import train
-    monkeypatch.setattr(stabilize, 'PIECE', 1000)
-    logged, unlogged = tiny_training(0.1, lam, baara_on), tiny_training(0.1, lam, baara_on)
+    monkeypatch.setattr(stabilize, 'PIECE', 1024)
+    logged, unlogged = (tiny_training(0.1, lam, baara_on) for _ in range(2))
+    if kind:
+        logged, unlogged = with_adamw(logged, **kind), with_adamw(unlogged, **kind)
     for step in range(12):
         for (model, optimizer, psu, baara, next_batch), measure in ((logged, step % 3 == 0), (unlogged, False)):
             train.train_step(model, optimizer, next_batch, 3e-3, psu, baara, measure=measure)
+    same = lambda a, b: torch.equal(a, b) and a.dtype == b.dtype and a.device == b.device
     for p, q in zip(logged[0].parameters(), unlogged[0].parameters()):
-        assert torch.equal(p, q)
+        assert same(p, q)
         state, reference = logged[1].state[p], unlogged[1].state[q]
-        assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
-    assert logged[1].state[p]['step'].item() == 12  # every step counted once, whatever its pieces
+        assert state.keys() == reference.keys() and all(same(state[k], reference[k]) for k in state)
+    embedding = logged[0].transformer.wte.weight  # moves at every step, BAARA's scope or not
+    assert logged[1].state[embedding]['step'].item() == 12 and embedding.numel() > 3 * 1024
 
 
 def test_fused_adamw_on_the_cpu_trains_as_the_default_adamw():
