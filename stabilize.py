@@ -221,8 +221,8 @@ def step_measuring_update(optimizer, psu=None):
     """optimizer.step() that also returns ||theta_t - theta_{t-1}|| (Def. 3.1), PSU's pull to come included
     (pending_pull), with no parameter copy: adamw_pieces steps each parameter PIECE elements at a time and
     hands back each piece's difference while it is in cache. theta_t is one optimizer.step()'s bit for bit
-    (AdamW is elementwise and PIECE whole SIMD vectors; tested). Gradients mark what AdamW moves (BAARA's P_S leaves some without);
-    under FSDP the squares are summed over the ranks."""
+    (AdamW is elementwise, PIECE whole SIMD vectors; tested). Gradients mark what AdamW moves (BAARA's P_S
+    leaves some without); under FSDP the squares are summed over the ranks."""
     theta_bar = dict(zip(psu.params, psu.ema)) if psu is not None and psu.params_on else {}
     squares = []
     for group in optimizer.param_groups:
