@@ -30,9 +30,8 @@ from torch.optim.adamw import adamw
 from distributed import copy_full_, full_tensor, gather_to_cpu, is_sharded, pieces, sum_shards_
 
 SCALE_FLOOR = 0.05
-# Elements of a tensor that the logged step's measurements hold at a time (1 MiB in fp32). A multiple of
-# the widest SIMD vector: the fused AdamW kernel rounds a call's leftover tail apart from its vectors, so a
-# step in pieces matches one whole step bit for bit only where every piece but the last is whole vectors.
+# Elements the logged step's measurements hold at a time (1 MiB in fp32): whole SIMD vectors, as fused AdamW
+# rounds a call's leftover tail apart, and pieces must step bit for bit as one whole step.
 PIECE = 1 << 18
 
 
@@ -157,21 +156,17 @@ def global_norm(tensors):
 
 
 class Diagnostics:
-    """Definition 3.1, measured: ||theta_t|| (bounded), ||g_t|| -> 0, ||theta_t - theta_{t-1}|| -> 0,
-    plus the smoothness of the loss curve.
-
-    record() is called at every eval with ||theta|| now, ||g|| of the step just taken and the update
-    norm of the latest logged step (train.py measures it on logged steps, every
-    log_interval steps only: an eval right after a logged step repeats its update norm). verdict() judges
-    the last half of the records (at least 4 are needed): the run is "stable" when
-      (1) bounded: the largest parameter norm in the last half is at most 1.1 x the first one
-          (param_norm_growth: that ratio);
-      (2) vanishing gradients: the gradient-norm trend (least-squares slope of log ||g|| per
-          record) over the last half is <= 0;
+    """Definition 3.1, measured: ||theta_t|| (bounded), ||g_t|| -> 0, ||theta_t - theta_{t-1}|| -> 0, plus the
+    smoothness of the loss curve. record() is called at every eval with ||theta|| now, ||g|| of the step just
+    taken and the update norm of the latest logged step (measured every log_interval steps only: an eval right
+    after a logged step repeats it). verdict() judges the last half of the records (at least 4 are needed):
+    the run is "stable" when
+      (1) bounded: the largest parameter norm in the last half is at most 1.1 x the first (param_norm_growth);
+      (2) vanishing gradients: the gradient-norm trend (least-squares slope of log ||g|| per record) over the
+          last half is <= 0;
       (3) vanishing updates: the same for log ||theta_t - theta_{t-1}||.
-    Smoothness is reported beside it: the std of consecutive differences of the logged training
-    loss over the last half, divided by its mean (small = smooth); it does not enter the verdict.
-    """
+    Smoothness is reported beside it: the std of consecutive differences of the logged training loss over the
+    last half, divided by its mean (small = smooth); it does not enter the verdict."""
 
     def __init__(self):
         self.records = []
@@ -218,11 +213,9 @@ def std(xs):
 
 @torch.no_grad()
 def step_measuring_update(optimizer, psu=None):
-    """optimizer.step() that also returns ||theta_t - theta_{t-1}|| (Def. 3.1), PSU's pull to come included
-    (pending_pull), with no parameter copy: adamw_pieces steps each parameter PIECE elements at a time and
-    hands back each piece's difference while it is in cache. theta_t is one optimizer.step()'s bit for bit
-    (AdamW is elementwise, PIECE whole SIMD vectors; tested). Gradients mark what AdamW moves (BAARA's P_S
-    leaves some without); under FSDP the squares are summed over the ranks."""
+    """optimizer.step() (bit for bit; tested) that also returns ||theta_t - theta_{t-1}|| (Def. 3.1) and PSU's
+    pull to come (pending_pull), with no parameter copy: each piece's difference is taken while in cache.
+    Gradients mark what AdamW moves (BAARA's P_S drops some); under FSDP the squares add up over the ranks."""
     theta_bar = dict(zip(psu.params, psu.ema)) if psu is not None and psu.params_on else {}
     squares = []
     for group in optimizer.param_groups:
@@ -240,9 +233,8 @@ def step_measuring_update(optimizer, psu=None):
 
 
 def adamw_pieces(optimizer, group, p):
-    """Step the parameter p as optimizer.step() would (torch's own AdamW, functional form, on the group's
-    settings: BAARA may have scaled its lr), PIECE elements at a time. Yields each stepped piece theta_t and
-    theta_t - theta_{t-1}, held in one PIECE-sized buffer that the next piece reuses."""
+    """Step p as optimizer.step() would (torch's functional AdamW, the group's settings), PIECE elements at a
+    time; yields each piece theta_t and theta_t - theta_{t-1} (in one PIECE-sized buffer, reused)."""
     assert not group['amsgrad'], "train.py's AdamW keeps no max_exp_avg_sq"
     state = optimizer.state[p]
     if not state:  # AdamW's first step: its state, made as torch.optim.AdamW makes it
@@ -255,10 +247,9 @@ def adamw_pieces(optimizer, group, p):
     for theta, g, m, v in zip(*(pieces(t, PIECE) for t in (p, p.grad, state['exp_avg'], state['exp_avg_sq']))):
         buffer = torch.empty_like(theta) if buffer is None else buffer  # the first piece is the longest
         before = buffer[:theta.numel()].copy_(theta)  # theta_{t-1}
-        adamw([theta], [g], [m], [v], [], [step.clone()], foreach=group['foreach'], fused=group['fused'],
-              capturable=group['capturable'], differentiable=group['differentiable'], amsgrad=False,
-              beta1=beta1, beta2=beta2, lr=group['lr'], weight_decay=group['weight_decay'], eps=group['eps'],
-              maximize=group['maximize'])
+        adamw([theta], [g], [m], [v], [], [step.clone()], foreach=group['foreach'], fused=group['fused'], amsgrad=False,
+              capturable=group['capturable'], differentiable=group['differentiable'], beta1=beta1, beta2=beta2,
+              lr=group['lr'], weight_decay=group['weight_decay'], eps=group['eps'], maximize=group['maximize'])
         yield theta, torch.sub(theta, before, out=before)  # theta_t - theta_{t-1}
 
 

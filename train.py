@@ -193,11 +193,8 @@ def train_step(model, optimizer, next_batch, lr, psu=None, baara=None, accum=1, 
         baara.act(optimizer, lr)
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf))
-    update = None
-    if measure:  # the same step, bit for bit, also measuring Def. 3.1's ||theta_t - theta_{t-1}|| (no copy)
-        update = step_measuring_update(optimizer, psu)
-    else:
-        optimizer.step()
+    # logged steps take the same step, bit for bit, also measuring Def. 3.1's ||theta_t - theta_{t-1}|| (no copy)
+    update = step_measuring_update(optimizer, psu) if measure else optimizer.step()  # step() returns None
     if baara:
         baara.finish()  # v_b (eq. 65), read by the next step's act()
     optimizer.zero_grad(set_to_none=True)
