@@ -37,10 +37,19 @@ def high_frequency_proportion(text, hf_set):
     return sum(counts[w] for w in hf_set) / total if total else float('nan')
 
 
+@torch.no_grad()
 def predictive_entropy(logits, mask=None):
-    """Mean over positions (those where mask is True) of the entropy (nats) of softmax(logits)."""
-    h = torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(-1)
-    return (h[mask] if mask is not None else h).mean().item()
+    """Mean over positions (those where mask is True) of the entropy (nats) of softmax(logits), 0-dim (no host
+    sync), a few rows at a time: fp32 temporaries of ~1 MiB, not logits-sized, at any batch and vocabulary."""
+    z = logits.flatten(0, -2)  # (positions, V)
+    weight = torch.ones(len(z), device=z.device) if mask is None else mask.reshape(-1).float()
+    rows, total = max(1, (1 << 18) // z.size(-1)), 0
+    for piece, w in zip(z.split(rows), weight.split(rows)):  # piece: (rows, V)
+        shifted = piece.float() - piece.amax(-1, keepdim=True).float()  # z - max z <= 0
+        e = shifted.exp()
+        z_sum = e.sum(-1)  # Z / exp(max z), (rows,)
+        total = total + ((z_sum.log() - (e * shifted).sum(-1) / z_sum) * w).sum()  # H = log Z - E_p[z]: terms >= 0
+    return total / weight.sum().clamp_min(1)
 
 
 def eot_mass(logits, eot, mask=None):
@@ -49,19 +58,11 @@ def eot_mass(logits, eot, mask=None):
     return (p[mask] if mask is not None else p).mean().item()
 
 
-def sample_entropy(tokens, counts=None):
-    """Plug-in entropy (nats) of the unigram distribution of generated tokens, or of `counts`."""
-    c = np.asarray(list(Counter(tokens).values()) if counts is None else counts, dtype=np.float64)
-    return entropy(c[c > 0] / c.sum())
-
-
 def effective_rank(hidden):
     """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of hidden."""
-    h = torch.as_tensor(hidden).detach()
-    eps = torch.finfo(h.dtype if h.is_floating_point() else torch.float64).eps
-    h = h.reshape(-1, h.shape[-1]).double()  # (N, d): leading dims flattened, not centred
+    h = hidden.detach().reshape(-1, hidden.shape[-1]).double()  # (N, d): leading dims flattened, not centred
     s = torch.linalg.svdvals(h)
-    s = s[s > s.max() * eps * max(h.shape)]  # those above numpy's rank tolerance
+    s = s[s > s.max() * torch.finfo(hidden.dtype).eps * max(h.shape)]  # those above numpy's rank tolerance
     return math.exp(torch.special.entr(s / s.sum()).sum().item())
 
 
@@ -195,7 +196,8 @@ def text_metrics(texts, hf_set, corpus=None, drop_first=False, eps=0.05):
     hist = {str(k): int(v) for k, v in zip(*np.unique(lengths, return_counts=True))}
     mean, std = (float(lengths.mean()), float(lengths.std())) if len(lengths) else (None, None)
     sentence_mean = float(sent_words[complete].mean()) if complete.any() else None
-    return dict(n_samples=len(texts), n_words=len(enc.ids), sample_entropy=sample_entropy(None, counts), hf_proportion=hf,
+    return dict(n_samples=len(texts), n_words=len(enc.ids),  # sample_entropy: plug-in, of the words' unigrams
+                sample_entropy=entropy(counts[counts > 0] / counts.sum()), hf_proportion=hf,
                 **{f'distinct_{n}': distinct_n(enc, n) for n in (1, 2, 3)},
                 seq_rep_4=seq_rep_n(enc, 4), loop_share=loop_share(enc),
                 terminated=len(lengths) / len(texts), length_mean=mean, length_std=std,
@@ -234,7 +236,7 @@ def evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=8, n_ba
         with ctx:
             h = model.hidden(x.to(device))
             logits = model.lm_head(h)
-        ent.append(predictive_entropy(logits, mask))
+        ent.append(predictive_entropy(logits, mask).item())
         eotm += [eot_mass(logits, eot, mask)] if eot is not None else []
         hidden.append(h.float())
     model.train(was_training)
@@ -323,16 +325,15 @@ def kl_estimates(fwd_log_p, fwd_log_q, fwd_tokens, log_q, log_p, tokens):
 @torch.no_grad()
 def distribution_metrics(model, tok, corpus, train_ids, val_ids, n=5000, max_tokens=None, decoder=None,
                          device='cpu', ctx=nullcontext(), seed=0, batch_size=500):
-    """kl_estimates from n sentences drawn from the corpus and n from the model (generated from an
-    end-of-text by the decoder, at most max_tokens: twice the longest template's, within block_size; one
-    left unclosed is off the support), and Theorem 5.5's counts: train_share, the share of the model's
-    sentences found verbatim in the training split, against train_true_mass, p's exact mass on the
-    distinct training sentences (_se 0); excess = their difference. forward_kl scores with the model's
-    own q (a truncating decoder gives p's sentences q = 0), the rest with the decoder's. val_gap =
-    validation loss - entropy_rate, not forward_kl: its windows begin mid-sentence (a higher loss) and
-    after other sentences (context a lone end-of-text lacks). {} unless the corpus is synthetic with
-    its word tokenizer and the model a causal GPT; only distribution_skipped (why) when block_size
-    cannot hold the longest sentence with its end-of-text start."""
+    """kl_estimates from n sentences drawn from the corpus and n from the model (generated from an end-of-text
+    by the decoder, at most max_tokens: twice the longest template's, within block_size; one left unclosed is
+    off the support), and Theorem 5.5's counts: train_share, the share of the model's sentences found verbatim
+    in the training split, against train_true_mass, p's exact mass on the distinct training sentences (_se 0);
+    excess = their difference. forward_kl scores with the model's own q (a truncating decoder gives p's
+    sentences q = 0), the rest with the decoder's. val_gap = validation loss - entropy_rate, not forward_kl:
+    its windows begin mid-sentence (a higher loss) and after other sentences (context a lone end-of-text
+    lacks). {} unless the corpus is synthetic with its word tokenizer and the model a causal GPT; only
+    distribution_skipped (why) when block_size cannot hold the longest sentence with its end-of-text start."""
     if corpus is None or tok.name != 'word' or not model.config.causal:
         return {}
     longest, block_size = max(len(t) + 1 for t in corpus.templates), model.config.block_size
@@ -373,12 +374,11 @@ def distribution_metrics(model, tok, corpus, train_ids, val_ids, n=5000, max_tok
 
 
 # the table's columns: (name, metric, format; '%' = a percentage)
-COLUMNS = [('hf', 'hf_proportion', '%'), ('H_pred', 'predictive_entropy', '.3f'),
-           ('H_sample', 'sample_entropy', '.3f'), ('erank', 'effective_rank', '.1f'),
-           ('modes', 'n_modes', ''), ('m(1-eps)', 'modes_for_mass', ''),
-           ('top1', 'top1_mass', '%'), ('none', 'none_share', '%'),
-           ('dist-2', 'distinct_2', '.3f'), ('rep-4', 'seq_rep_4', '.3f'),
-           ('loops', 'loop_share', '%'), ('len', 'length_mean', '.2f'), ('eot', 'eot_mass', '.3f')]
+COLUMNS = [('hf', 'hf_proportion', '%'), ('H_pred', 'predictive_entropy', '.3f'), ('H_sample', 'sample_entropy', '.3f'),
+           ('erank', 'effective_rank', '.1f'), ('modes', 'n_modes', ''), ('m(1-eps)', 'modes_for_mass', ''),
+           ('top1', 'top1_mass', '%'), ('none', 'none_share', '%'), ('dist-2', 'distinct_2', '.3f'),
+           ('rep-4', 'seq_rep_4', '.3f'), ('loops', 'loop_share', '%'), ('len', 'length_mean', '.2f'),
+           ('eot', 'eot_mass', '.3f')]
 
 
 def summary(m):

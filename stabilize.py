@@ -140,16 +140,6 @@ class NextTokenStats(torch.autograd.Function):
         return grad_logits, None
 
 
-@torch.no_grad()
-def predictive_entropy(logits, targets):
-    """PSU.statistics' entropy (the mean over the positions with a target) from NextTokenStats on PIECE //
-    vocabulary rows at a time: fp32 temporaries of a few MiB, not logits-sized, at any batch and vocabulary."""
-    z, weight = logits.flatten(0, -2), (targets.reshape(-1) != -1).float()
-    rows = max(1, PIECE // z.size(-1))
-    total = sum((NextTokenStats.apply(a.float(), None)[:, 0] * w).sum() for a, w in zip(z.split(rows), weight.split(rows)))
-    return total / weight.sum().clamp_min(1)
-
-
 def global_norm(tensors):
     """||concat(tensors)||_2, 0-dim (no host sync), over FSDP's shards; from a generator, one tensor at a time."""
     return full_tensor(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])))

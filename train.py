@@ -85,11 +85,11 @@ import torch
 import distributed
 from baara import BAARA
 from data import check_data, get_batch, load_run_data
-from metrics import summary
+from metrics import predictive_entropy, summary
 from model import GPT, GPTConfig, load_checkpoint, load_gpt2_state_dict, load_model_state, mask_id, mask_tokens, peak_flops
 from runfolder import RunLog, checkpoint_path, resumed_config, run_folder, write_atomic
 from sample import sample_metrics, sample_texts
-from stabilize import PSU, Diagnostics, param_norm, predictive_entropy, step_measuring_update
+from stabilize import PSU, Diagnostics, param_norm, step_measuring_update
 
 
 def get_config(argv):
@@ -208,7 +208,7 @@ def train_step(model, optimizer, next_batch, lr, psu=None, baara=None, accum=1, 
 def logged_numbers(grad_norm, update, logits, y, psu, baara=None):
     """A logged step's numbers after its loss, lr and speed (host syncs): entropy for Fig. 3 (PSU's statistics
     have it when on), ||g||, ||theta_t - theta_{t-1}||, PSU's and BAARA's. bench.py times this too."""
-    entropy = psu.last['stats'][0] if psu.stats_on else predictive_entropy(logits, y)
+    entropy = psu.last['stats'][0] if psu.stats_on else predictive_entropy(logits, y != -1)
     return dict(entropy=entropy.item(), grad_norm=grad_norm.item(), update_norm=update.item(), **psu.log(),
                 **(baara.log() if baara else {}))
 

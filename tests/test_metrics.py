@@ -52,17 +52,17 @@ def test_high_frequency_set_is_minimal_and_covers(corpus):
 
 def test_entropy_eot_mass_and_effective_rank():
     V = 50
-    assert metrics.predictive_entropy(torch.zeros(2, 3, V)) == pytest.approx(math.log(V))
+    assert metrics.predictive_entropy(torch.zeros(2, 3, V)).item() == pytest.approx(math.log(V))
     peaked = torch.full((4, V), -1e4)
     peaked[:, 7] = 0
-    assert metrics.predictive_entropy(peaked) == pytest.approx(0, abs=1e-6)
+    assert metrics.predictive_entropy(peaked).item() == pytest.approx(0, abs=1e-6)
     mask = torch.tensor([True, False, False, False])
     mixed = torch.cat([torch.zeros(1, V), peaked[1:]])
-    assert metrics.predictive_entropy(mixed, mask) == pytest.approx(math.log(V))
+    assert metrics.predictive_entropy(mixed, mask).item() == pytest.approx(math.log(V))
     assert metrics.eot_mass(torch.zeros(3, V), 4) == pytest.approx(1 / V)
     assert metrics.eot_mass(peaked, 7) == pytest.approx(1.0)
-    assert metrics.sample_entropy(['a', 'b', 'c', 'd']) == pytest.approx(math.log(4))
-    assert metrics.sample_entropy(['a'] * 9) == 0
+    assert metrics.text_metrics(['a b', 'c d'], set())['sample_entropy'] == pytest.approx(math.log(4))
+    assert metrics.text_metrics(['a ' * 9], set())['sample_entropy'] == 0
     q, _ = torch.linalg.qr(torch.randn(16, 5, dtype=torch.float64))
     assert metrics.effective_rank(q.T) == pytest.approx(5, rel=1e-9)  # 5 orthonormal vectors
     assert metrics.effective_rank(torch.randn(40, 1) * torch.randn(1, 16)) == pytest.approx(1, rel=1e-9)

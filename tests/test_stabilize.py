@@ -300,13 +300,16 @@ def test_logged_step_allocates_no_parameter_or_logits_sized_tensor(lam, monkeypa
     assert 0 < mode.largest <= 4 * PIECE, mode.largest
 
 
-def test_predictive_entropy_is_psu_entropy(monkeypatch):
-    """The logged entropy without PSU (predictive_entropy, in pieces of rows) is PSU.statistics' own,
-    over the positions with a target (BERT's -1 left out), to float32 summation order: 1e-6 relative."""
-    import stabilize
-    monkeypatch.setattr(stabilize, 'PIECE', 3 * 50)  # 3 rows a piece: 24 rows in 8 pieces
-    logits = 3 * torch.randn(4, 6, 50, generator=torch.Generator().manual_seed(0))
-    targets = torch.randint(50, (4, 6), generator=torch.Generator().manual_seed(1))
+def test_logged_entropy_is_exact_and_psus():
+    """The logged entropy without PSU (metrics.predictive_entropy, a few rows at a time: 5 rows of 50k logits,
+    24 rows in 5 pieces) is the mean entropy over the positions with a target (BERT's -1 left out): float64's
+    to 1e-6 relative (float32 sums), and so PSU.statistics' own (the logged entropy with PSU on)."""
+    from metrics import predictive_entropy
+    logits = 3 * torch.randn(4, 6, 50_000, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(50_000, (4, 6), generator=torch.Generator().manual_seed(1))
     targets[0, :4] = targets[2, 5] = -1
+    log_p = torch.log_softmax(logits.double(), dim=-1)
+    exact = (-(log_p.exp() * log_p).sum(-1))[targets != -1].mean().item()
     psu = PSU([torch.zeros(1)], 0.1, 0.99, 'stats', eot=0)
-    assert stabilize.predictive_entropy(logits, targets).item() == pytest.approx(psu.statistics(logits, targets)[0].item(), rel=1e-6)
+    assert predictive_entropy(logits, targets != -1).item() == pytest.approx(exact, rel=1e-6)
+    assert psu.statistics(logits, targets)[0].item() == pytest.approx(exact, rel=1e-6)
