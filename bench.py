@@ -7,9 +7,9 @@ Speed of the paper's units, as ratios that hold on any machine, all from one run
 
 Each row steps two training setups alternately (A, B, A, B, ...) and reports the median of B's
 step time over that of the A step just before it, so that a busy machine, or one whose speed
-drifts, slows both alike. A step is train.train_step, the step train.py's loop takes: batch ->
-forward (+ PSU's feedback loss) -> backward -> (BAARA's act) -> clip -> AdamW -> (BAARA's finish)
--> (PSU's pull); one row times a logged step (every log_interval: train_step measuring, then
+drifts, slows both alike (denormal floats are flushed to zero meanwhile: timed() says why). A step
+is train.train_step, the step train.py's loop takes: batch -> forward (+ PSU's feedback loss) ->
+backward -> (BAARA's act) -> clip -> AdamW -> (BAARA's finish) -> (PSU's pull); one row times a logged step (every log_interval: train_step measuring, then
 train.logged_numbers) against an unlogged one at GPT-2 124M. One row trains from prepared
 bins (memory-mapped) against the same tokens in memory; one line times data.prepare (GPT-2 BPE). Setups with periodic
 work (BAARA's reference gradient every REF_EVERY steps) are timed over whole periods. The
@@ -205,19 +205,25 @@ def sync(device):
 
 
 def timed(setups, b):
-    """Seconds per step of each setup, one list per setup, stepped alternately; a sample spans
-    one period."""
+    """Seconds per step of each setup, one list per setup, stepped alternately; a sample spans one period.
+    Denormal floats are flushed to zero meanwhile (on the CPU): it computes with them ~100x slower, and a
+    model whose attention probabilities underflow, as the tiny model's do after a few hundred steps in
+    SDPA's backward, would time how far it trained, not the unit (BAARA's row read 1.22 so, 1.07 flushed)."""
     period = max(s.period for s in setups)
     times = [[] for _ in setups]
-    for i in range(b['warmup'] + b['steps']):
-        for s, t in zip(setups, times):
-            sync(b['device'])
-            t0 = time.perf_counter()
-            for _ in range(period):
-                s.step()
-            sync(b['device'])
-            if i >= b['warmup']:
-                t.append((time.perf_counter() - t0) / period)
+    torch.set_flush_denormal(True)
+    try:
+        for i in range(b['warmup'] + b['steps']):
+            for s, t in zip(setups, times):
+                sync(b['device'])
+                t0 = time.perf_counter()
+                for _ in range(period):
+                    s.step()
+                sync(b['device'])
+                if i >= b['warmup']:
+                    t.append((time.perf_counter() - t0) / period)
+    finally:
+        torch.set_flush_denormal(False)  # torch's default, for whatever runs next in this process
     return times
 
 

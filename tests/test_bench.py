@@ -59,3 +59,20 @@ def test_gpu_rows_run_at_a_tiny_size(monkeypatch):
     assert rows == ['compile / eager', 'DMU p=0.5 / p=1', 'DTU r=0.5 / r=1', 'PSU lambda=0.2 both / off']
     rates = re.fullmatch(r'tiny, float32: eager ([\d,]+) tok/s.*; compiled ([\d,]+) tok/s.*', line).groups()
     assert rates == tuple(f'{32 / t:,.0f}' for t in times[0])
+
+
+def test_timed_flushes_denormals_while_it_steps():
+    """bench.timed steps with denormal floats flushed to zero (else a model whose numbers underflow would
+    time slower for it), and restores torch's default after: float32 1e-40, a denormal, times 1 is 0
+    while it steps and itself after."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip('this CPU cannot flush denormals')
+
+    class Probe:
+        period, seen = 1, []
+
+        def step(self):
+            self.seen.append((torch.tensor(1e-40) * 1).item())
+    bench.timed([Probe()], {'warmup': 1, 'steps': 2, 'device': 'cpu'})
+    assert Probe.seen == [0.0, 0.0, 0.0]
+    assert (torch.tensor(1e-40) * 1).item() == pytest.approx(1e-40, rel=1e-4, abs=0)  # float32 keeps ~5 digits of a denormal
