@@ -1,7 +1,7 @@
 """
 Speed of the paper's units, as ratios that hold on any machine, all from one run:
 
-    python bench.py                          # about 5 minutes on 2 CPU cores (the sampling row: 3)
+    python bench.py                          # about 6 minutes on 2 CPU cores (the logged rows: 3)
     python bench.py --steps=51               # steadier numbers
     python bench.py --threads=1              # on a machine shared with other jobs
 
@@ -9,9 +9,10 @@ Each row steps two training setups alternately (A, B, A, B, ...) and reports the
 step time over that of the A step just before it, so that a busy machine, or one whose speed
 drifts, slows both alike (denormal floats are flushed to zero meanwhile: timed() says why). A step
 is train.train_step, the step train.py's loop takes: batch -> forward (+ PSU's feedback loss) ->
-backward -> (BAARA's act) -> clip -> AdamW -> (BAARA's finish) -> (PSU's pull); one row times a logged step (every log_interval: train_step measuring, then
-train.logged_numbers) against an unlogged one at GPT-2 124M. One row trains from prepared
-bins (memory-mapped) against the same tokens in memory; one line times data.prepare (GPT-2 BPE). Setups with periodic
+backward -> (BAARA's act) -> clip -> AdamW -> (BAARA's finish) -> (PSU's pull); two rows time a
+logged step (every log_interval: train_step measuring, then train.logged_numbers) against an
+unlogged one at GPT-2 124M, at LOGGED_SHAPES. One row trains from prepared bins (memory-mapped)
+against the same tokens in memory; one line times data.prepare (GPT-2 BPE). Setups with periodic
 work (BAARA's reference gradient every REF_EVERY steps) are timed over whole periods. The
 sampling row steps train.py's end-of-run sampling instead, with and without the key/value cache;
 the AdamW rows the optimiser step alone, fused against torch's default (foreach); with

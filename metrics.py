@@ -1,8 +1,7 @@
 """Metrics of Sec. 6 as plain functions on tokens, text, logits or hidden states; evaluate()
 computes them all at the end of a training run (train.py writes them to report.json, and
 tables.py reads them from there). Text metrics count words, not tokens, so that runs with different
-tokenizers compare, and are also computed on the corpus cut like the samples, at the same size.
-"""
+tokenizers compare, and are also computed on the corpus cut like the samples, at the same size."""
 import math
 import re
 from collections import Counter, namedtuple
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 
 from data import WORD_BYTES, count_words as word_counts, entropy, get_batch, row_sentences, sentence_keys, split_sentences
 from model import decoder_logits, mask_id, mask_tokens
+from stabilize import PIECE
 
 
 def words(text):
@@ -39,17 +39,17 @@ def high_frequency_proportion(text, hf_set):
 
 @torch.no_grad()
 def predictive_entropy(logits, mask=None):
-    """Mean over positions (those where mask is True) of the entropy (nats) of softmax(logits), 0-dim (no host
-    sync), a few rows at a time: fp32 temporaries of ~1 MiB, not logits-sized, at any batch and vocabulary."""
+    """Mean over positions (those where mask is True; NaN for none) of the entropy (nats) of softmax(logits),
+    0-dim (no host sync), PIECE elements (or a row) at a time: ~1 MiB of fp32 temporaries, not logits-sized."""
     z = logits.flatten(0, -2)  # (positions, V)
     weight = torch.ones(len(z), device=z.device) if mask is None else mask.reshape(-1).float()
-    rows, total = max(1, (1 << 18) // z.size(-1)), 0
+    rows, total = max(1, PIECE // z.size(-1)), 0
     for piece, w in zip(z.split(rows), weight.split(rows)):  # piece: (rows, V)
         shifted = piece.float() - piece.amax(-1, keepdim=True).float()  # z - max z <= 0
-        e = shifted.exp()
+        e = shifted.clamp_min_(-1e30).exp()  # a -inf logit (a decoder's): p = 0, and 0 * -1e30 adds nothing
         z_sum = e.sum(-1)  # Z / exp(max z), (rows,)
         total = total + ((z_sum.log() - (e * shifted).sum(-1) / z_sum) * w).sum()  # H = log Z - E_p[z]: terms >= 0
-    return total / weight.sum().clamp_min(1)
+    return total / weight.sum()
 
 
 def eot_mass(logits, eot, mask=None):

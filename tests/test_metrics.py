@@ -59,6 +59,10 @@ def test_entropy_eot_mass_and_effective_rank():
     mask = torch.tensor([True, False, False, False])
     mixed = torch.cat([torch.zeros(1, V), peaked[1:]])
     assert metrics.predictive_entropy(mixed, mask).item() == pytest.approx(math.log(V))
+    assert math.isnan(metrics.predictive_entropy(mixed, torch.zeros(4, dtype=torch.bool)).item())  # no position
+    ruled_out = torch.zeros(2, V)
+    ruled_out[:, V // 2:] = -math.inf  # a decoder's top-k: half the vocabulary, p = 0
+    assert metrics.predictive_entropy(ruled_out).item() == pytest.approx(math.log(V // 2))
     assert metrics.eot_mass(torch.zeros(3, V), 4) == pytest.approx(1 / V)
     assert metrics.eot_mass(peaked, 7) == pytest.approx(1.0)
     assert metrics.text_metrics(['a b', 'c d'], set())['sample_entropy'] == pytest.approx(math.log(4))
