@@ -42,9 +42,9 @@ RULES = dict(steps='>= 1', warmup='>= 0', seed='>= 0', metrics_words='>= 1', dis
              logged_size='tiny | gpt2', nanogpt='any',
              device=DEVICE, dtype='auto | float32 | bfloat16')  # configurator.py's rules, as train.py's
 
-# batch x block of the logged rows, and the goal: the batch (8 x 256: 2,048 tokens of 50k logits) holds
-# the measuring to 5%; a step as short as GPT-2 124M takes (1 x 64) shows its cost at least (no goal: eager
-# torch's copy, subtraction and dot product of each piece of theta alone take ~0.1 s, over 10% of that step)
+# batch x block of the logged rows, and the goal: at a real batch (8 x 256: 2,048 tokens of 50k logits) the
+# measuring costs at most 5%; a step as short as GPT-2 124M takes (1 x 64) shows its cost at least (no goal:
+# eager torch's copy, subtraction and dot product of each piece of theta alone take ~0.1 s, over 10% of it)
 LOGGED_SHAPES = (((8, 256), 1.05), ((1, 64), None))
 
 if __name__ == '__main__':  # the config above comes before torch is imported, so that --help answers at once
