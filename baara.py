@@ -20,11 +20,22 @@ P_S(g) (eq. 69); reward r_b = vbar_b c_b (eq. 68), REINFORCE. What the paper lea
 - vbar_b: mean of the last WINDOW v_b (eq. 66); c_b = 1 - H_b / log V (eq. 67). Only c_b v_b / W of
   r_b depends on a_b: the REINFORCE advantage is that part less its running mean, over its std.
 - One host sync per step, in act() (r_b comes a step late). Every rank takes the same action.
+
+`python baara.py` (no arguments) prints Theorem B.1 on a toy: theorem_b1 at 3 seeds, BAARA and a state-blind control.
 """
 import contextlib
 import copy
 import math
+import sys
 import time
+
+from configurator import exit_if_help
+
+if __name__ == '__main__':  # before torch is imported, so that --help answers at once, and before the long run
+    exit_if_help(sys.argv[1:], __doc__)
+    if sys.argv[1:]:
+        raise SystemExit(f"error: baara.py takes no arguments; got {' '.join(sys.argv[1:])!r} "
+                         "(python baara.py runs Theorem B.1's toy; --help describes it)")
 
 import numpy as np
 import torch

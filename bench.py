@@ -38,8 +38,8 @@ BENCH = dict(steps=25, warmup=3, seed=1337, metrics_words=1_000_000, distributio
              nanogpt='',  # PATH to nanoGPT's model.py for the row against it ('' skips that row)
              device='auto',  # cuda where torch sees a GPU, else cpu
              dtype='auto')  # train.py's: bfloat16 on a GPU with native bf16, else float32
-RULES = dict(steps='>= 1', warmup='>= 0', seed='>= 0', metrics_words='>= 1', distribution_n='>= 2', prepare_mb='> 0', threads='>= 0',
-             logged_size='tiny | gpt2', nanogpt='any',
+RULES = dict(steps='>= 1', warmup='>= 0', seed='[0, 1e18]', metrics_words='>= 1', distribution_n='>= 2', prepare_mb='> 0', threads='>= 0',
+             logged_size='tiny | gpt2', nanogpt='any',  # nanogpt: '' or a .py file (load_nanogpt)
              device=DEVICE, dtype='auto | float32 | bfloat16')  # configurator.py's rules, as train.py's
 
 # batch x block of the logged rows, and the goal: at a real batch (8 x 256: 2,048 tokens of 50k logits) the
@@ -130,10 +130,7 @@ class NanoGPTSetup:
     """nanoGPT's model.py at the tiny model's shape, stepped as its train.py steps (forward, backward,
     clip 1.0, its AdamW) on the same batches as Setup. Its MLP's GELU is exact (erf), ours tanh's."""
 
-    def __init__(self, path, data, b):
-        spec = importlib.util.spec_from_file_location('nanogpt_model', path)
-        nano = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(nano)
+    def __init__(self, nano, data, b):
         d, (self.ids, tok) = train.DEFAULTS, data
         self.c = {**d, 'device': b['device']}
         torch.manual_seed(b['seed'])
@@ -153,6 +150,22 @@ class NanoGPTSetup:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.c['grad_clip'])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def load_nanogpt(path):
+    """nanoGPT's model.py (--nanogpt) as a module, loaded by main() before the rows: a wrong path or file is a
+    one-line error at once, not a traceback (or a skipped row) minutes later."""
+    if not path.endswith('.py') or not os.path.isfile(path):
+        raise SystemExit(f"error: nanogpt={path!r} is not an existing .py file (nanoGPT's model.py; '' skips its row)")
+    spec = importlib.util.spec_from_file_location('nanogpt_model', path)
+    nano = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(nano)
+    except Exception as e:  # its own error, in one line
+        raise SystemExit(f"error: nanogpt={path!r} failed to import ({type(e).__name__}: {' '.join(str(e).split())})")
+    if not hasattr(nano, 'GPT') or not hasattr(nano, 'GPTConfig'):
+        raise SystemExit(f"error: nanogpt={path!r} has no GPT and GPTConfig: it is not nanoGPT's model.py")
+    return nano
 
 
 class MLPSetup:
@@ -348,19 +361,20 @@ def logged_rows(b, pair):
         pair(f'logged / unlogged step, {label}', setup, Logged(setup), goal, steps=max(1, b['steps'] // 4))
 
 
-def nanogpt_row(b, data, tiny, pair, rows):
-    """Our train step against nanoGPT's at the same shape, when --nanogpt names its model.py."""
-    if not b['nanogpt'] or not os.path.isfile(b['nanogpt']):
-        reason = f"no file {b['nanogpt']!r}" if b['nanogpt'] else 'no --nanogpt=PATH to its model.py'
+def nanogpt_row(nano, b, data, tiny, pair, rows):
+    """Our train step against nanoGPT's at the same shape: nano, its model.py (load_nanogpt), else None."""
+    if nano is None:
+        reason = 'no --nanogpt=PATH to its model.py'
         rows.append(('model step vs nanoGPT', None, None, f'skipped: {reason}', None))
         print(f'  model step vs nanoGPT: skipped ({reason})', flush=True)
         return
-    pair(f'model step ours / nanoGPT, {tiny}', NanoGPTSetup(b['nanogpt'], data, b), Setup(data, b))
+    pair(f'model step ours / nanoGPT, {tiny}', NanoGPTSetup(nano, data, b), Setup(data, b))
 
 
 def main(argv):
     b, _ = parse_flags(BENCH, argv, RULES)
     validate(b, RULES)
+    nano = load_nanogpt(b['nanogpt']) if b['nanogpt'] else None
     b['device'], b['dtype'] = auto_device(b['device']), auto_dtype(b['dtype'])
     if b['threads'] > 0:
         torch.set_num_threads(b['threads'])
@@ -398,7 +412,7 @@ def main(argv):
         pair(f"AdamW step fused / default, {n_layer}x{n_embd} ({a.model.get_num_params() / 1e6:.2f}M parameters)",
              a, AdamWSetup(b, True, n_layer, n_embd, tok.vocab_size))
     logged_rows(b, pair)
-    nanogpt_row(b, data, tiny, pair, rows)
+    nanogpt_row(nano, b, data, tiny, pair, rows)
     pair(f"sampling, cached / uncached, {d['num_samples']} x {d['sample_tokens']} tokens of the tiny model ({d['n_layer']}x{d['n_embd']})",
          SamplingSetup(data, b, use_cache=False), SamplingSetup(data, b, use_cache=True), 0.3,
          steps=min(b['steps'], 5))  # an uncached step takes seconds

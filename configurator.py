@@ -123,14 +123,17 @@ def device_missing(device):
 
 def read_config_file(path, defaults):
     if not os.path.isfile(path):
-        raise SystemExit(f"error: config file {path!r} does not exist")
+        raise SystemExit(f"error: config file {path!r} {'is not a regular file' if os.path.exists(path) else 'does not exist'}")
     scope = {}
     try:
         exec(open(path).read(), {}, scope)
     except Exception as e:
         raise SystemExit(f"error: config file {path!r} failed: {type(e).__name__}: {e}")
-    values = {k: v for k, v in scope.items() if not k.startswith('_') and not callable(v)
-              and type(v).__name__ != 'module'}
+    values = {k: v for k, v in scope.items() if not k.startswith('_') and  # its own helpers and imports are not keys
+              (k in defaults or not callable(v) and type(v).__name__ != 'module')}
+    if not values:
+        raise SystemExit(f"error: config file {path!r} sets no keys (it assigns some, e.g. batch_size = 16; a text to "
+                         f"train on goes in --data=)")
     for key, value in values.items():
         check_key(key, defaults, where=f" in {path}")
         check_type(key, value, defaults[key])

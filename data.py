@@ -187,10 +187,7 @@ class WordTokenizer:
         for i, line in enumerate(text.split('\n')):
             if i:
                 ids.append(self.eot)
-            try:
-                ids.extend(self.index[w] for w in line.split())
-            except KeyError as e:
-                raise SystemExit(f"error: word {e} is not in the synthetic corpus's vocabulary")
+            ids.extend(self.index[w] for w in line.split())  # KeyError: a word outside the vocabulary
         return ids
 
     def decode(self, ids):
@@ -265,8 +262,8 @@ class GPT2Tokenizer:
             return ids
         try:
             return [self.to_compact[i] for i in ids]
-        except KeyError as e:
-            raise SystemExit(f"error: GPT-2 token {e} is not in this compacted vocabulary")
+        except KeyError as e:  # as the other tokenizers say it: the text outside the vocabulary
+            raise KeyError(self.enc.decode(e.args)) from None
 
     def decode(self, ids):
         if self.keep is not None:
@@ -387,7 +384,8 @@ def text_bytes(tok, ids):
 
 def read_text(path):
     if not os.path.isfile(path):
-        raise SystemExit(f"error: data file {path!r} does not exist")
+        why = 'is not a regular file' if os.path.exists(path) else 'does not exist'  # a folder, a FIFO, ...
+        raise SystemExit(f"error: data file {path!r} {why}")
     try:
         text = open(path, encoding='utf-8').read()
     except UnicodeDecodeError as e:
@@ -431,8 +429,10 @@ def check_data(train_ids, val_ids, tok, ckpt, c):
     """train.py's check of its data against a resumed checkpoint and its block_size (one-line errors)."""
     if ckpt is not None and tokenizer_from_state(ckpt['tokenizer']).state() != tok.state():
         raise SystemExit(f"error: checkpoint in {c['out_dir']!r} was trained with another tokenizer or data")
-    if len(val_ids) <= c['block_size'] + 1:
-        raise SystemExit(f"error: the data has {len(train_ids) + len(val_ids)} tokens, too few for block_size {c['block_size']}")
+    for split, ids in (('train', train_ids), ('val', val_ids)):  # a window is block_size + 1 tokens, and one more to draw it
+        if len(ids) <= c['block_size'] + 1:
+            raise SystemExit(f"error: block_size={c['block_size']} is too long for the data's {split} split ({len(ids)} tokens); "
+                             f"use --block_size={max(1, len(ids) - 2)} or less, or more data")
 
 
 def load_bins(folder, tokenizer):
@@ -525,7 +525,9 @@ def bin_digest(path, span=1 << 20):
 # prepare: a text file, a folder of .txt files or a .jsonl -> DIR/{train,val}.bin + DIR/meta.json
 
 PREPARE = dict(src='', out='', tokenizer='gpt2', val_fraction=0.005, overwrite=False, chunk_mb=8.0, num_threads=0)
-PREPARE_CHOICES = dict(tokenizer=('gpt2', 'gpt2-compact', 'char'))
+# configurator.py's rules, as train.py's. A chunk is read whole (f.read allocates it up front): at most 1 GB.
+PREPARE_RULES = dict(src='PATH', out='PATH', tokenizer='gpt2 | gpt2-compact | char', val_fraction='(0, 1)',
+                     overwrite='any', chunk_mb='(0, 1024]', num_threads='>= 0')
 # No GPT-2 pre-tokenizer piece (nor word) holds a non-space character followed by a space, and none looks
 # behind: cut before a space or newline that follows a non-space, text[:i] and text[i:] give the tokens of text.
 # (Python's \S is narrower than the Rust regex's, so it errs on the safe side.)
@@ -544,8 +546,10 @@ class Source:
             self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs if f.endswith('.txt'))
             if not self.files:
                 raise SystemExit(f"error: source folder {src!r} has no .txt files")
-        else:
+        elif os.path.isfile(src):
             self.kind, self.files = 'jsonl' if src.endswith('.jsonl') else 'text', [src]
+        else:  # a FIFO or a device: its size says nothing, and it may never end
+            raise SystemExit(f"error: source {src!r} is not a regular file (nor a folder of .txt files)")
         self.src, self.bytes = src, sum(os.path.getsize(f) for f in self.files)
         if self.bytes == 0:
             raise SystemExit(f"error: source {src!r} is empty")
@@ -806,15 +810,11 @@ def install(tmp, out):
 
 def main(argv):
     """python data.py --src=SRC --out=DIR [--key=value ...]: prepare bins, with one-line errors."""
-    from configurator import parse_flags
-    c, _ = parse_flags(PREPARE, argv, PREPARE_CHOICES)
+    from configurator import parse_flags, validate
+    c, _ = parse_flags(PREPARE, argv, PREPARE_RULES)
     if not c['src'] or not c['out']:
         raise SystemExit("error: usage: python data.py --src=FILE.txt|FOLDER|FILE.jsonl --out=DIR (--help: every key)")
-    if c['tokenizer'] not in PREPARE_CHOICES['tokenizer']:
-        raise SystemExit(f"error: tokenizer={c['tokenizer']!r} is not one of {', '.join(PREPARE_CHOICES['tokenizer'])} "
-                         "(word is the synthetic corpus's own)")
-    if not 0 < c['val_fraction'] < 1 or c['chunk_mb'] <= 0 or c['num_threads'] < 0:
-        raise SystemExit("error: val_fraction must be in (0, 1), chunk_mb > 0 and num_threads >= 0 (0: every core)")
+    validate(c, PREPARE_RULES)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"error: terminated; {c['out']!r} was not written"))
     try:
         meta = prepare(**c)

@@ -378,7 +378,11 @@ def load_gpt2_state_dict(sd):
     sd = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in sd.items()}
     sd = {(k if k.startswith(('transformer.', 'lm_head.')) else 'transformer.' + k): v for k, v in sd.items()
           if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
-    wte = sd['transformer.wte.weight']
+    wte, wpe = sd.get('transformer.wte.weight'), sd.get('transformer.wpe.weight')
+    if (not all(isinstance(v, torch.Tensor) for v in sd.values()) or wte is None or wpe is None or wte.dim() != 2
+            or wpe.dim() != 2 or not wte.size(1) or wte.size(1) % 64 or 'transformer.h.0.attn.c_attn.weight' not in sd):
+        raise SystemExit("error: init_from file is not GPT-2 weights: it needs tensors wte (vocabulary x n_embd, n_embd a "
+                         "multiple of 64: n_head = n_embd // 64), wpe (positions x n_embd) and h.0.attn.c_attn at least")
     n_embd = wte.size(1)
     hf_layout = sd['transformer.h.0.attn.c_attn.weight'].shape == (n_embd, 3 * n_embd)
     if hf_layout:
@@ -386,8 +390,7 @@ def load_gpt2_state_dict(sd):
     sd.setdefault('lm_head.weight', wte)
     n_layer = 1 + max(int(k.split('.')[2]) for k in sd if k.startswith('transformer.h.'))
     config = GPTConfig(n_layer=n_layer, n_head=n_embd // 64, n_embd=n_embd, vocab_size=wte.size(0),
-                       block_size=sd['transformer.wpe.weight'].size(0),
-                       bias='transformer.ln_f.bias' in sd)
+                       block_size=wpe.size(0), bias='transformer.ln_f.bias' in sd)
     return config, sd
 
 
@@ -395,7 +398,7 @@ def load_checkpoint(path):
     """torch.load, or for a .safetensors file (Hugging Face's weights) its dict of tensors, with one-line
     errors for a missing or unreadable file. safetensors is imported only for such a file."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path!r} does not exist")
+        raise SystemExit(f"error: checkpoint {path!r} {'is not a regular file' if os.path.exists(path) else 'does not exist'}")
     if path.endswith('.safetensors'):
         try:
             from safetensors.torch import load_file

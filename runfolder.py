@@ -77,7 +77,10 @@ def take_lock(out_dir):
     """out_dir/.lock, created with O_EXCL and holding 'PID HOST': a second run into the folder is
     refused. A lock whose process is gone from this host (a kill -9) is stale and taken over (two
     runs that find one stale lock at the same instant may both take it; a reused PID keeps it)."""
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # a file in its way, a folder we may not write in
+        raise SystemExit(f"error: out_dir {out_dir!r} cannot be made a folder ({e.strerror})")
     path = os.path.join(out_dir, '.lock')
     for attempt in range(2):
         try:
@@ -91,6 +94,8 @@ def take_lock(out_dir):
             who = f"process {holder[0]} on {holder[1]}" if holder else "a process that left it unreadable"
             raise SystemExit(f"error: out_dir {out_dir!r} is in use by another run ({who}, see {path}); wait for "
                              f"it or use another --out_dir (delete {path} if no run is using the folder)")
+        except OSError as e:  # a read-only folder or disk
+            raise SystemExit(f"error: out_dir {out_dir!r} is not writable ({e.strerror})")
         with os.fdopen(fd, 'w') as f:
             f.write(f"{os.getpid()} {socket.gethostname()}\n")
         return path

@@ -22,7 +22,7 @@ DEFAULTS = dict(out_dir='out', num_samples=5, max_new_tokens=64, temperature=1.0
                 device='auto')  # auto: cuda where torch sees a GPU, else cpu
 
 VALID = dict(out_dir='PATH', num_samples='>= 1', max_new_tokens='>= 1', temperature='>= 0', top_k='>= 0', top_p='(0, 1]',
-             start='any', mask_steps='>= 1', seed='>= 0', metrics='any', dist_samples='>= 2', device=DEVICE)  # configurator.py's rules, as train.py's
+             start='any', mask_steps='>= 1', seed='[0, 1e18]', metrics='any', dist_samples='>= 2', device=DEVICE)  # configurator.py's rules, as train.py's
 
 if __name__ == '__main__':  # the config above comes before torch is imported, so that --help answers at once
     exit_if_help(sys.argv[1:], __doc__, DEFAULTS, VALID)
@@ -37,7 +37,7 @@ from model import GPT, GPTConfig, load_checkpoint, load_model_state, mask_id
 def sample_texts(model, tok, n, max_new_tokens, temperature=1.0, top_k=0, start='', mask_steps=10,
                  device='cpu', seed=1337, batch_size=100, top_p=1.0):
     """n generated texts. GPT continues `start` (default: end-of-text, or a newline when the
-    tokenizer has none); temperature 0 is greedy, top_p < 1 keeps the nucleus. BERT fills
+    tokenizer has none: prompt_ids); temperature 0 is greedy, top_p < 1 keeps the nucleus. BERT fills
     max_new_tokens [MASK] positions with the same decoder. Seeded and repeatable.
     Runs of several batches taking over 2 s print their progress to stderr."""
     was_training = model.training
@@ -50,7 +50,7 @@ def sample_texts(model, tok, n, max_new_tokens, temperature=1.0, top_k=0, start=
         for i in range(0, n, batch_size):
             rows = min(batch_size, n - i)
             if model.config.causal:
-                prompt = tok.encode(start) if start else [tok.eot] if tok.eot is not None else tok.encode('\n')
+                prompt = prompt_ids(tok, start)
                 idx = torch.tensor([prompt] * rows, dtype=torch.long, device=device)
                 out = model.generate(idx, max_new_tokens, temperature, top_k, top_p=top_p)[:, len(prompt):]
             else:
@@ -62,6 +62,19 @@ def sample_texts(model, tok, n, max_new_tokens, temperature=1.0, top_k=0, start=
             progress(len(texts), n, time.perf_counter() - t0, n > batch_size)
     model.train(was_training)
     return texts
+
+
+def prompt_ids(tok, start):
+    """GPT's prompt: `start`, else end-of-text, else a newline (text files' tokenizers have no end-of-text),
+    else token 0 (the vocabulary of a text without a newline has none)."""
+    if tok.eot is not None and not start:
+        return [tok.eot]
+    try:
+        return tok.encode(start or '\n')
+    except KeyError as e:  # a tokenizer's word for "not in this vocabulary"
+        if not start:
+            return [0]
+        raise SystemExit(f"error: start={start!r} has {e}, which is not in this checkpoint's {tok.name} vocabulary")
 
 
 def progress(done, n, elapsed, several_batches):

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from configurator import exit_if_help
+from configurator import coerce, exit_if_help, validate
 from data import count_words as word_counts, read_text
 
 if __name__ == '__main__':  # before metrics.py imports torch, so that --help answers at once
@@ -266,24 +266,35 @@ def mean_ranks(v):
     return (np.cumsum(counts) - counts + (counts - 1) / 2)[which]
 
 
+# the options that take a value, with configurator.py's rules (bins per axis: a histogram of bins^2 counts), and
+# the mode each option is read in: an option given without its mode is refused, not silently ignored
+OPTIONS, RULES = dict(fraction=0.25, bins=12), dict(fraction='(0, 1]', bins='[1, 1000]')
+READ_WITH = dict(out=('fig3', 'map'), bins=('fig3',), fraction=('corpus', 'text'))
+MODES = ('fig3', 'theorem55', 'map')  # switches: --fig3, not --fig3=VALUE
+
+
 def main(argv):
     """The CLI: the module docstring, which -h or --help prints; mistakes are one-line errors."""
     exit_if_help(argv, __doc__)
     flags = dict(a[2:].partition('=')[::2] for a in argv if a.startswith('--'))
     dirs, text = [a for a in argv if not a.startswith('--')], 'corpus' in flags or 'text' in flags
-    valid = ('corpus', 'text', 'fraction', 'fig3', 'out', 'bins', 'theorem55', 'map')
-    if unknown := [k for k in flags if k not in valid]:
+    if unknown := [k for k in flags if k not in (*OPTIONS, *READ_WITH, *MODES, 'corpus', 'text')]:
         raise SystemExit(f"error: unknown option --{unknown[0]} (--help: the options)")
-    try:
-        fraction, bins = float(flags.get('fraction', 0.25)), int(flags.get('bins', 12))
-        assert 0 < fraction <= 1 and bins >= 1
-    except (ValueError, AssertionError):
-        raise SystemExit("error: --fraction must be a number in (0, 1] and --bins an integer >= 1")
-    if (dirs or not flags.get('corpus') or not flags.get('text')) if text else not dirs:
+    if valued := [k for k in MODES if flags.get(k)]:
+        k = valued[0]
+        raise SystemExit(f"error: --{k} takes no value, not {flags[k]!r}: python tables.py --{k} RUN_DIR...")
+    if stray := [k for k, modes in READ_WITH.items() if k in flags and not any(m in flags for m in modes)]:
+        raise SystemExit(f"error: --{stray[0]} is read only with {' or '.join('--' + m for m in READ_WITH[stray[0]])}")
+    c = {k: coerce(k, flags[k], v) if k in flags else v for k, v in OPTIONS.items()}
+    validate(c, RULES)
+    fraction, bins = c['fraction'], c['bins']
+    several = sum(k in flags for k in MODES) + text > 1  # one mode at a time, not the first of them silently
+    if several or ((dirs or not flags.get('corpus') or not flags.get('text')) if text else not dirs):
         raise SystemExit("error: usage: python tables.py [--fig3 | --theorem55 | --map] RUN_DIR... | "
                          "--corpus=FILE --text=FILE (--help: more)")
     if missing := [d for d in dirs if not os.path.isdir(d)]:
-        raise SystemExit(f"error: run folder {missing[0]!r} does not exist")
+        why = 'is not a folder' if os.path.exists(missing[0]) else 'does not exist'
+        raise SystemExit(f"error: run folder {missing[0]!r} {why}")
     if text:
         counts, ws = word_counts(read_text(flags['corpus'])), words(read_text(flags['text']))
         hf = high_frequency_set(counts, fraction)

@@ -71,7 +71,7 @@ VALID = dict(
     psu_lambda='[0, 1]', psu_channels='stats | params | both', psu_beta='[0, 1]',
     baara='any', baara_cost='time | flops',
     num_samples='>= 1', sample_tokens='>= 1', dist_samples='>= 2', temperature='>= 0', top_k='>= 0', top_p='(0, 1]',
-    device=DEVICE, dtype='auto | float32 | bfloat16', compile='any', seed='>= 0', fsdp='any', overwrite='any',
+    device=DEVICE, dtype='auto | float32 | bfloat16', compile='any', seed='[0, 1e18]', fsdp='any', overwrite='any',
 )
 # Keys that fix the model's shape, data or vocabulary: a resumed run may only repeat the checkpoint's value
 SHAPE_KEYS = ('model', 'size', 'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'data', 'tokenizer',
@@ -109,8 +109,16 @@ def get_config(argv):
             if 'model' in given and config['model'] != 'bert':
                 raise SystemExit(f"error: size={config['size']} is a BERT size; use --model=bert or a gpt2 size")
             config['model'] = 'bert'
-    if config['model'] == 'bert' and config['init_from'] not in ('scratch', 'resume'):  # GPT-2 is a causal GPT
-        raise SystemExit(f"error: model=bert cannot start from GPT-2 weights (init_from={config['init_from']!r}); use --model=gpt")
+    if config['init_from'] not in ('scratch', 'resume'):  # GPT-2's weights: a causal GPT of their shape
+        if config['model'] == 'bert':
+            raise SystemExit(f"error: model=bert cannot start from GPT-2 weights (init_from={config['init_from']!r}); use --model=gpt")
+        shape = sorted(given & {'size', 'n_layer', 'n_head', 'n_embd', 'bias'})
+        if shape:
+            raise SystemExit(f"error: {shape[0]}={config[shape[0]]!r} cannot go with init_from={config['init_from']!r}, "
+                             f"whose weights set the model's shape; drop --{shape[0]}")
+    if config['min_lr'] > config['learning_rate']:
+        raise SystemExit(f"error: min_lr={config['min_lr']} is above learning_rate={config['learning_rate']} (the cosine decays from "
+                         f"learning_rate to min_lr); set --min_lr, e.g. to a tenth of learning_rate")
     if config['n_embd'] % config['n_head']:
         raise SystemExit(f"error: n_embd={config['n_embd']} is not a multiple of n_head={config['n_head']} "
                          f"(each head gets n_embd // n_head dimensions)")

@@ -3,6 +3,8 @@ cases, the keep decision credited to the batch it runs on, inactive blocks froze
 baara=False untouched, resume exactness."""
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 import baara as B
 import train
 from baara import BAARA, confidence, flop_ratio
+from conftest import ROOT
 from model import GPT, GPTConfig
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8',
@@ -224,3 +227,15 @@ def test_measured_cost_runs(tmp_path):
     rows = steps(run(tmp_path, 'timed', '--baara=True', '--dmu_p=0.25', iters=12))
     assert all(math.isfinite(r['baara_C']) and r['baara_C'] > 0 for r in rows)
     assert all(r['baara_C'] == 1.0 for r in rows if r['baara_dmu_p'] == 1.0)
+
+
+def test_script_answers_help_and_refuses_arguments():
+    """python baara.py takes no arguments: --help or -h prints the docstring, anything else is one line,
+    both at once (not after, nor instead of, the minutes of its theorem run)."""
+    for flag in ('--help', '-h'):
+        r = subprocess.run([sys.executable, 'baara.py', flag], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and r.stdout == B.__doc__.strip() + '\n' and not r.stderr, r.stderr[-2000:]
+    for args in (['--foo=1'], ['config/x.py', '--seed=1']):
+        r = subprocess.run([sys.executable, 'baara.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and 'Traceback' not in r.stderr and r.stderr.count('\n') == 1, r.stderr[-2000:]
+        assert r.stderr.startswith('error: baara.py takes no arguments; ') and not r.stdout

@@ -2,11 +2,14 @@
 ratio. Its GPU-only rows (compile against eager, tokens/s and MFU, the units at GPT-2 size) run
 here at a tiny size, with torch.compile stubbed out: compile itself is tested in test_train.py."""
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import bench
+from conftest import ROOT
 
 ROW = re.compile(r'^(DMU|DTU|PSU|BAARA|train step from bins|AdamW step fused / default|logged / unlogged step)[ ,].*\s(\d+\.\d) +(\d+\.\d)  (\d+\.\d{3})(?:  goal <= ([\d.]+): (met|NOT met))?$',
                  re.M)
@@ -76,3 +79,38 @@ def test_timed_flushes_denormals_while_it_steps():
     bench.timed([Probe()], {'warmup': 1, 'steps': 2, 'device': 'cpu'})
     assert Probe.seen == [0.0, 0.0, 0.0]
     assert (torch.tensor(1e-40) * 1).item() == pytest.approx(1e-40, rel=1e-4, abs=0)  # float32 keeps ~5 digits of a denormal
+
+
+def test_bad_nanogpt_is_one_line_before_any_row(tmp_path, monkeypatch):
+    """--nanogpt is '' (its row skipped) or a .py file that imports as nanoGPT's model.py: anything else is one
+    line naming it, from main() before the first row (not a traceback, or 'skipped', minutes later)."""
+    monkeypatch.setattr(bench, 'machine', lambda b: pytest.fail('the rows started before --nanogpt was checked'))
+    (tmp_path / 'dir.py').mkdir()
+    (tmp_path / 'model.txt').write_text('class GPT: pass\nclass GPTConfig: pass\n')
+    (tmp_path / 'syntax.py').write_text('def (:\n')
+    (tmp_path / 'fails.py').write_text('import no_such_module_here\n')
+    (tmp_path / 'other.py').write_text('x = 1\n')
+    for name, why in [('missing.py', "is not an existing .py file (nanoGPT's model.py; '' skips its row)"),
+                      ('dir.py', 'is not an existing .py file'), ('model.txt', 'is not an existing .py file'),
+                      ('syntax.py', 'failed to import (SyntaxError: '),
+                      ('fails.py', "failed to import (ModuleNotFoundError: No module named 'no_such_module_here')"),
+                      ('other.py', "has no GPT and GPTConfig: it is not nanoGPT's model.py")]:
+        path = str(tmp_path / name)
+        with pytest.raises(SystemExit) as e:
+            bench.main([f'--nanogpt={path}', '--device=cpu'])
+        assert e.value.code.startswith(f'error: nanogpt={path!r} {why}') and '\n' not in e.value.code, e.value.code
+    (tmp_path / 'model.py').write_text('class GPT: pass\nclass GPTConfig: pass\n')
+    assert bench.load_nanogpt(str(tmp_path / 'model.py')).GPT.__name__ == 'GPT'
+    rows = []
+    bench.nanogpt_row(None, bench.BENCH, None, 'tiny', None, rows)  # '' skips the row, as before
+    assert rows == [('model step vs nanoGPT', None, None, 'skipped: no --nanogpt=PATH to its model.py', None)]
+
+
+def test_nanogpt_that_fails_to_import_is_one_line_at_once(tmp_path):
+    """The command line: python bench.py --nanogpt=BAD.py exits non-zero at once with one stderr line."""
+    (tmp_path / 'model.py').write_text('def (:\n')
+    r = subprocess.run([sys.executable, 'bench.py', f"--nanogpt={tmp_path / 'model.py'}", '--device=cpu'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr and r.stderr.count('\n') == 1, r.stderr[-2000:]
+    assert r.stderr.startswith(f"error: nanogpt={str(tmp_path / 'model.py')!r} failed to import (SyntaxError: ")
+    assert not r.stdout  # no row, nor the machine line, ran

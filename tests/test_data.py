@@ -1,6 +1,7 @@
 """data.py: the offline GPT-2 BPE, the tokenizers' round trips, the synthetic corpus's stated
 structure (entropy rate, modes), and one-line errors for bad data files."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -37,8 +38,9 @@ def test_gpt2_tokenizer_full_and_compact_round_trip(enc):
     assert tok.decode(ids) == TEXT
     rebuilt = data.tokenizer_from_state(tok.state())
     assert rebuilt.encode(TEXT) == ids and rebuilt.decode(ids) == TEXT
-    with pytest.raises(SystemExit, match='not in this compacted vocabulary'):
+    with pytest.raises(KeyError) as missing:  # the text of the first GPT-2 token outside `keep`
         tok.encode('Zebra xylophone')
+    assert missing.value.args[0] in 'Zebra xylophone' and enc.encode_ordinary(missing.value.args[0])[0] not in keep
 
 
 def test_load_data_file_gpt2_compact_and_char(tmp_path):
@@ -116,7 +118,7 @@ def test_word_tokenizer_round_trip(corpus):
     assert ids.count(tok.eot) == text.count('\n')
     assert tok.decode(ids) == text
     assert data.tokenizer_from_state(tok.state()).decode(ids) == text
-    with pytest.raises(SystemExit, match='not in the synthetic'):
+    with pytest.raises(KeyError, match='hello'):  # sample.prompt_ids names --start with it
         tok.encode('hello there')
 
 
@@ -147,3 +149,26 @@ def test_bad_data_file_is_one_line_error(tmp_path, content, match):
         data.load_data(str(path), 'auto')
     msg = str(e.value.code)
     assert match in msg and '\n' not in msg and str(path) in msg
+
+
+@pytest.mark.skipif(not hasattr(os, 'mkfifo'), reason='no FIFOs here')
+def test_data_file_that_is_not_a_regular_file(tmp_path):
+    """A folder (tables.py --corpus=) or a FIFO (train.py --data= too) exists: it is named as not a regular
+    file, not as missing, and never read."""
+    os.mkfifo(tmp_path / 'fifo')
+    for path in (str(tmp_path), str(tmp_path / 'fifo')):
+        with pytest.raises(SystemExit) as e:
+            data.read_text(path)
+        assert e.value.code == f"error: data file {path!r} is not a regular file"
+
+
+def test_block_size_is_checked_against_each_split():
+    """A window takes block_size + 1 tokens, and drawing one needs one more: a 10-token split serves block_size 8 at most,
+    and the error names the split that is short (the validation split, the smaller one, in a text file's 9:1)."""
+    tok = data.CharTokenizer('ab')
+    data.check_data(np.zeros(100), np.zeros(10), tok, None, {'block_size': 8, 'out_dir': 'out'})
+    for train, val, split in ((100, 10, 'val'), (10, 100, 'train')):
+        with pytest.raises(SystemExit) as e:
+            data.check_data(np.zeros(train), np.zeros(val), tok, None, {'block_size': 9, 'out_dir': 'out'})
+        assert str(e.value) == (f"error: block_size=9 is too long for the data's {split} split (10 tokens); "
+                                f"use --block_size=8 or less, or more data")

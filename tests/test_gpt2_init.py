@@ -51,6 +51,8 @@ def test_weights_refuse_what_they_cannot_be(tmp_path, weights):
     assert 'block_size=64' in msg and 'the 48 positions' in msg
     msg = error_line(out, f'--init_from={weights}', '--model=bert', '--block_size=32')
     assert 'model=bert' in msg and '--model=gpt' in msg
+    msg = error_line(out, f'--init_from={weights}', '--n_layer=3', '--block_size=32')  # else silently 2
+    assert msg.startswith('error: n_layer=3 cannot go with init_from=') and 'drop --n_layer' in msg
 
 
 def test_compact_bins_with_gpt2_weights_say_to_prepare_gpt2_bins(tmp_path, weights):

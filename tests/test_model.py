@@ -354,6 +354,17 @@ def test_load_gpt2_hf_layout_gives_identical_logits(lm_head):
 def test_load_gpt2_rejects_non_weights():
     with pytest.raises(SystemExit, match='no GPT-2 weights'):
         M.load_gpt2_state_dict({'foo': torch.zeros(2)})
+    real = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=64, vocab_size=50, block_size=8)).state_dict()
+    narrow = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=32, vocab_size=50, block_size=8)).state_dict()
+    for broken in ({'transformer.wte.weight': torch.zeros(50, 64)},  # no wpe, no blocks
+                   {**real, 'transformer.wte.weight': 1},  # not a tensor
+                   {**real, 'transformer.wte.weight': torch.zeros(50)},  # 1-D
+                   {k: v for k, v in real.items() if not k.startswith('transformer.h.')},
+                   narrow):  # n_embd 32: GPT-2's n_head = n_embd // 64 would be 0
+        with pytest.raises(SystemExit) as e:
+            M.load_gpt2_state_dict(broken)
+        assert str(e.value).startswith('error: init_from file is not GPT-2 weights: ') and '\n' not in str(e.value)
+    assert M.load_gpt2_state_dict(real)[0].n_head == 1
 
 
 # ---------------------------------------------------------------- samplers

@@ -138,8 +138,8 @@ def bad_inputs(tmp):
             (['--src=' + str(tmp / 'split.txt'), '--chunk_mb=0.002'], 'invalid continuation byte at byte 1999'),
             (['--src=' + str(tmp / 'bad.jsonl')], 'line 2 is not a JSON object with a "text"'),
             (['--src=' + str(tmp / 'tiny.txt')], 'too small to split'),
-            (['--src=' + str(tmp / 'ok.txt'), '--tokenizer=word'], 'not one of gpt2, gpt2-compact, char'),
-            (['--src=' + str(tmp / 'ok.txt'), '--val_fraction=1.5'], 'val_fraction must be in (0, 1)'),
+            (['--src=' + str(tmp / 'ok.txt'), '--tokenizer=word'], 'not one of gpt2 | gpt2-compact | char'),
+            (['--src=' + str(tmp / 'ok.txt'), '--val_fraction=1.5'], 'val_fraction=1.5 is not a float in (0, 1)'),
             (['--src=' + str(tmp / 'ok.txt'), '--out=' + str(tmp / 'exists')], 'exists; pass --overwrite=True'),
             (['--src=' + str(tmp / 'ok.txt'), '--out=' + str(tmp / 'exists'), '--overwrite=True'], 'refusing to replace'),
             (['--src=' + str(tmp / 'ok.txt'), '--out=' + str(tmp / 'ok.txt' / 'bins')], 'cannot make'),  # under a file
@@ -368,3 +368,32 @@ def test_get_batch_reads_only_its_windows(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert x.shape == (8, 64) and x.dtype == torch.long and peak < 1_000_000, peak
+
+
+def refused_line(r):
+    """A refused run: a non-zero exit, one stderr line 'error: ...' and no traceback. -> that line."""
+    assert r.returncode != 0 and 'Traceback' not in r.stderr and r.stderr.count('\n') == 1, r.stderr
+    assert r.stderr.startswith('error: '), r.stderr
+    return r.stderr.rstrip('\n')
+
+
+@pytest.mark.parametrize('flag,line', [
+    ('--val_fraction=0', 'val_fraction=0.0 is not a float in (0, 1)'),
+    ('--val_fraction=1', 'val_fraction=1.0 is not a float in (0, 1)'),
+    ('--chunk_mb=0', 'chunk_mb=0.0 is not a float in (0, 1024]'),
+    ('--chunk_mb=1e999', 'chunk_mb=inf is not a float in (0, 1024]'),  # was an OverflowError
+    ('--chunk_mb=1e300', 'chunk_mb=1e+300 is not a float in (0, 1024]'),  # finite, but f.read would allocate it
+    ('--num_threads=-1', 'num_threads=-1 is not an int >= 0')])
+def test_each_bad_key_is_a_line_naming_it_and_its_rule(tmp_path, flag, line):
+    (tmp_path / 'ok.txt').write_text('fine text ' * 100)
+    r = run_prepare(f"--src={tmp_path / 'ok.txt'}", f"--out={tmp_path / 'out'}", flag)
+    assert refused_line(r) == 'error: ' + line and not os.path.exists(tmp_path / 'out')
+
+
+@pytest.mark.skipif(not hasattr(os, 'mkfifo'), reason='no FIFOs here')
+def test_source_that_is_not_a_regular_file(tmp_path):
+    """A FIFO or a device exists but is no text: named as such, not 'empty' (its size) and never read."""
+    os.mkfifo(tmp_path / 'fifo')
+    for src in (str(tmp_path / 'fifo'), os.devnull):
+        r = run_prepare(f'--src={src}', f"--out={tmp_path / 'out'}")
+        assert refused_line(r) == f"error: source {src!r} is not a regular file (nor a folder of .txt files)"

@@ -124,6 +124,9 @@ CASES = {
     'eval_iters': ('train', ['--eval_iters=0'], 'eval_iters=0', None),
     'dropout': ('train', ['--dropout=1.5'], 'dropout=1.5', None),
     'out_dir': ('train', ['--out_dir='], "out_dir=''", None),
+    'out_dir a file': ('train', ['--out_dir=FOLDER/ckpt.pt'], 'ckpt.pt', None),
+    'seed': ('train', [f'--seed={2**64 - 1}'], f'seed={2**64 - 1}', None),  # past torch's seeds (it adds to them)
+    'min_lr': ('train', ['--min_lr=0.1'], 'min_lr=0.1 is above learning_rate=0.003', None),
     'num_samples': ('train', ['--num_samples=0'], 'num_samples=0', None),
     'device': ('train', [f'--device={NO_GPU}'], 'device=', None),
     'psu_lambda': ('train', ['--psu_lambda=-1'], 'psu_lambda=-1', None),
@@ -158,6 +161,7 @@ CASES = {
     'sample num_samples': ('sample', ['--num_samples=0'], 'num_samples=0', None),
     'sample temperature': ('sample', ['--temperature=-1'], 'temperature=-1', None),
     'sample out_dir': ('sample', ['--out_dir='], "out_dir=''", None),
+    'sample seed': ('sample', [f'--seed={10**20}'], f'seed={10**20} is not an int in [0, 1e18]', None),
     'sample unknown key': ('sample', ['--topk=5'], "'topk'", None),
     'sample foreign checkpoint': ('sample', [], 'ckpt.pt', foreign_checkpoint),
     'bench steps': ('bench', ['--steps=0'], 'steps=0', None),
@@ -166,7 +170,10 @@ CASES = {
 
 
 def argv(script, args, folder):
-    args = [own_checkpoint(folder) if a == 'OWN' else a for a in args]
+    if 'OWN' in args:  # GPT-2 weights set the model's shape: no shape flags go with them
+        return [f'--out_dir={folder}', *(a for a in TINY if a.split('=')[0] not in ('--n_layer', '--n_head', '--n_embd')),
+                *(own_checkpoint(folder) if a == 'OWN' else a for a in args)]
+    args = [a.replace('FOLDER', folder) for a in args]
     if script == 'train':
         return [f'--out_dir={folder}', *TINY, *args]
     return ([f'--out_dir={folder}', '--device=cpu'] if script == 'sample' else []) + args

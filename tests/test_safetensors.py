@@ -8,7 +8,7 @@ import torch
 
 import model as M
 
-CONFIG = dict(n_layer=2, n_embd=32, vocab_size=50257, n_positions=64)
+CONFIG = dict(n_layer=2, n_embd=64, vocab_size=50257, n_positions=64)
 
 
 def hf_gpt2_weights(seed=0):
@@ -48,8 +48,8 @@ def test_safetensors_loads_like_a_torch_file(tmp_path, layout):
     got = M.load_gpt2_state_dict(loaded)
     assert_same(got, M.load_gpt2_state_dict(M.load_checkpoint(str(tmp_path / 'model.pt'))))
     config, weights = got
-    assert (config.n_layer, config.n_embd, config.vocab_size, config.block_size) == (2, 32, 50257, 64)
-    assert weights['transformer.h.1.attn.c_attn.weight'].shape == (96, 32)  # Conv1D (in, out) -> Linear (out, in)
+    assert (config.n_layer, config.n_embd, config.vocab_size, config.block_size) == (2, 64, 50257, 64)
+    assert weights['transformer.h.1.attn.c_attn.weight'].shape == (192, 64)  # Conv1D (in, out) -> Linear (out, in)
 
 
 def test_safetensors_errors(tmp_path, monkeypatch):

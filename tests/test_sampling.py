@@ -240,3 +240,28 @@ def test_sample_py_takes_every_decoder_from_its_flags(tmp_path, capsys):
         printed[flags[0]] = capsys.readouterr().out
     assert printed['--top_p=1e-6'] == printed['--temperature=0']
     assert printed['--top_p=1.0'] != printed['--temperature=0']  # 4 x 12 sampled tokens, none argmax-only
+
+
+# ---------------------------------------------------------------- the prompt
+
+def test_prompt_is_end_of_text_else_newline_else_token_0():
+    """A text file's tokenizer has no end-of-text, so GPT starts from a newline; a one-line text's
+    vocabulary has none either, and sampling (train.py's end of run) starts from token 0, not a KeyError."""
+    from data import CharTokenizer, WordTokenizer
+    assert sample.prompt_ids(WordTokenizer(['a', 'b']), '') == [2]
+    assert sample.prompt_ids(CharTokenizer('\nab'), '') == [0] and sample.prompt_ids(CharTokenizer('ab\n'), '') == [2]
+    no_newline = CharTokenizer([chr(ord('!') + i) for i in range(50)])
+    assert sample.prompt_ids(no_newline, '') == [0] and sample.prompt_ids(no_newline, '#"') == [2, 1]
+    texts = sample.sample_texts(model(), no_newline, 3, 4)
+    assert len(texts) == 3 and all(len(t) == 4 for t in texts)
+
+
+def test_start_outside_the_vocabulary_is_one_line_naming_start():
+    from data import CharTokenizer, GPT2Tokenizer, WordTokenizer, gpt2_encoding
+    compact = GPT2Tokenizer(sorted(set(gpt2_encoding().encode_ordinary('the cat sat'))))
+    for tok, start, missing in ((CharTokenizer('abc'), 'abX', "'X'"), (WordTokenizer(['the', 'cat']), 'the dog', "'dog'"),
+                                (compact, 'the zebra', "' z'")):
+        with pytest.raises(SystemExit) as error:
+            sample.prompt_ids(tok, start)
+        message = str(error.value)
+        assert message.startswith(f'error: start={start!r} has {missing}, ') and tok.name in message and '\n' not in message

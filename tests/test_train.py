@@ -214,6 +214,18 @@ def test_bad_values(tmp_path, arg, fragment):
     one_line_error(e, fragment)
 
 
+@pytest.mark.parametrize('text,fragment', [('batch_size = int\n', 'batch_size must be int'),  # once dropped as a helper
+                                           ('# nothing set\n', 'sets no keys'),  # a text file meant for --data=
+                                           (None, 'is not a regular file')])  # a folder
+def test_bad_config_file(tmp_path, text, fragment):
+    path = tmp_path / 'conf.py'
+    path.mkdir() if text is None else path.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        train.main([f'--out_dir={tmp_path}/out', str(path)])
+    one_line_error(e, fragment)
+    assert not os.path.exists(tmp_path / 'out')
+
+
 @pytest.mark.parametrize('content,fragment', [(None, 'does not exist'), (b'', 'is empty'),
                                               (b'\xff\xfe\x00junk', 'not UTF-8')])
 def test_bad_data_file(tmp_path, content, fragment):
@@ -233,6 +245,10 @@ def test_corrupt_checkpoint(tmp_path):
     with pytest.raises(SystemExit) as e:
         run(str(tmp_path / 'none'), '--init_from=resume')
     one_line_error(e, 'does not exist')
+    (tmp_path / 'folder' / 'ckpt.pt').mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        run(str(tmp_path / 'folder'), '--init_from=resume')
+    one_line_error(e, 'ckpt.pt', 'is not a regular file')
 
 
 def test_mismatched_checkpoint(gpt_run, tmp_path):
