@@ -129,11 +129,11 @@ def read_config_file(path, defaults):
         exec(open(path).read(), {}, scope)
     except Exception as e:
         raise SystemExit(f"error: config file {path!r} failed: {type(e).__name__}: {e}")
-    values = {k: v for k, v in scope.items() if not k.startswith('_') and  # its own helpers and imports are not keys
-              (k in defaults or not callable(v) and type(v).__name__ != 'module')}
+    helper = lambda v: callable(v) or type(v).__name__ == 'module'  # a config file's own functions and imports
+    values = {k: v for k, v in scope.items() if not k.startswith('_') and (k in defaults or not helper(v))}
     if not values:
-        raise SystemExit(f"error: config file {path!r} sets no keys (it assigns some, e.g. batch_size = 16; a text to "
-                         f"train on goes in --data=)")
+        key, value = next(iter(defaults.items()))
+        raise SystemExit(f"error: config file {path!r} sets no keys (a config file assigns some, e.g. {key} = {value!r})")
     for key, value in values.items():
         check_key(key, defaults, where=f" in {path}")
         check_type(key, value, defaults[key])

@@ -388,7 +388,7 @@ def load_gpt2_state_dict(sd):
     if hf_layout:
         sd = {k: (v.t().contiguous() if k.endswith(CONV1D) else v) for k, v in sd.items()}
     sd.setdefault('lm_head.weight', wte)
-    n_layer = 1 + max(int(k.split('.')[2]) for k in sd if k.startswith('transformer.h.'))
+    n_layer = 1 + max(int(k.split('.')[2]) for k in sd if k.startswith('transformer.h.') and k.split('.')[2].isdigit())
     config = GPTConfig(n_layer=n_layer, n_head=n_embd // 64, n_embd=n_embd, vocab_size=wte.size(0),
                        block_size=wpe.size(0), bias='transformer.ln_f.bias' in sd)
     return config, sd

@@ -70,11 +70,14 @@ def prompt_ids(tok, start):
     if tok.eot is not None and not start:
         return [tok.eot]
     try:
-        return tok.encode(start or '\n')
+        ids = tok.encode(start or '\n')
     except KeyError as e:  # a tokenizer's word for "not in this vocabulary"
         if not start:
             return [0]
         raise SystemExit(f"error: start={start!r} has {e}, which is not in this checkpoint's {tok.name} vocabulary")
+    if not ids:  # a word tokenizer's spaces
+        raise SystemExit(f"error: start={start!r} is no token of this checkpoint's {tok.name} vocabulary")
+    return ids
 
 
 def progress(done, n, elapsed, several_batches):
@@ -93,7 +96,14 @@ def main(argv):
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or not {'model_args', 'model', 'tokenizer'} <= set(ckpt):
         raise SystemExit(f"error: {path!r} is not a checkpoint written by train.py")
-    model = GPT(GPTConfig(**ckpt['model_args']))
+    args = ckpt['model_args']
+    bert = not args.get('causal', True)
+    if bert and c['start']:
+        raise SystemExit(f"error: start={c['start']!r} continues a GPT; {path!r} is a BERT, which fills [MASK] positions")
+    if bert and c['max_new_tokens'] > args['block_size']:  # mask-predict fills one window
+        raise SystemExit(f"error: max_new_tokens={c['max_new_tokens']} is more than the {args['block_size']} positions of "
+                         f"the BERT in {path!r}; use --max_new_tokens={args['block_size']} or less")
+    model = GPT(GPTConfig(**args))
     load_model_state(model, ckpt['model'], path)
     model.to(c['device'])
     tok = tokenizer_from_state(ckpt['tokenizer'])

@@ -71,7 +71,7 @@ VALID = dict(
     psu_lambda='[0, 1]', psu_channels='stats | params | both', psu_beta='[0, 1]',
     baara='any', baara_cost='time | flops',
     num_samples='>= 1', sample_tokens='>= 1', dist_samples='>= 2', temperature='>= 0', top_k='>= 0', top_p='(0, 1]',
-    device=DEVICE, dtype='auto | float32 | bfloat16', compile='any', seed='[0, 1e18]', fsdp='any', overwrite='any',
+    device=DEVICE, dtype='auto | float32 | bfloat16', compile='any', seed='[0, 1e18]', fsdp='any', overwrite='any',  # seed + rank, + 7: torch's seeds end at 2^64
 )
 # Keys that fix the model's shape, data or vocabulary: a resumed run may only repeat the checkpoint's value
 SHAPE_KEYS = ('model', 'size', 'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'data', 'tokenizer',
@@ -112,14 +112,14 @@ def get_config(argv):
     if config['init_from'] not in ('scratch', 'resume'):  # GPT-2's weights: a causal GPT of their shape
         if config['model'] == 'bert':
             raise SystemExit(f"error: model=bert cannot start from GPT-2 weights (init_from={config['init_from']!r}); use --model=gpt")
-        shape = sorted(given & {'size', 'n_layer', 'n_head', 'n_embd', 'bias'})
-        if shape:
-            raise SystemExit(f"error: {shape[0]}={config[shape[0]]!r} cannot go with init_from={config['init_from']!r}, "
-                             f"whose weights set the model's shape; drop --{shape[0]}")
+        set_by_size = {'n_layer', 'n_head', 'n_embd'} if 'size' in given else set()
+        for key in {'n_layer', 'n_head', 'n_embd', 'bias'} - given - set_by_size:
+            config[key] = None  # the weights' (load_gpt2); a value given must be theirs
     if config['min_lr'] > config['learning_rate']:
-        raise SystemExit(f"error: min_lr={config['min_lr']} is above learning_rate={config['learning_rate']} (the cosine decays from "
-                         f"learning_rate to min_lr); set --min_lr, e.g. to a tenth of learning_rate")
-    if config['n_embd'] % config['n_head']:
+        default = '' if 'min_lr' in given else ' (its default)'
+        raise SystemExit(f"error: min_lr={config['min_lr']}{default} is above learning_rate={config['learning_rate']} (the cosine "
+                         f"decays from learning_rate to min_lr); set --min_lr, e.g. to a tenth of learning_rate")
+    if config['n_embd'] and config['n_head'] and config['n_embd'] % config['n_head']:  # (None: GPT-2 weights')
         raise SystemExit(f"error: n_embd={config['n_embd']} is not a multiple of n_head={config['n_head']} "
                          f"(each head gets n_embd // n_head dimensions)")
     return config
@@ -346,7 +346,11 @@ def load_gpt2(c):
     if c['block_size'] > args.block_size:
         raise SystemExit(f"error: block_size={c['block_size']} is more than the {args.block_size} positions of "
                          f"init_from={c['init_from']!r}; use --block_size={args.block_size} or less")
-    c.update(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, bias=args.bias)
+    for key in ('n_layer', 'n_head', 'n_embd', 'bias'):
+        if c[key] not in (None, getattr(args, key)):  # given (get_config left the others None)
+            raise SystemExit(f"error: {key}={c[key]!r} is not the shape of init_from={c['init_from']!r} ({key}="
+                             f"{getattr(args, key)!r}); leave it out, the weights set it")
+        c[key] = getattr(args, key)
     return state
 
 

@@ -49,6 +49,7 @@ def test_data_help_shows_a_rule_for_every_key(capsys):
     assert "  --tokenizer='gpt2'  (gpt2 | gpt2-compact | char)" in keys
 
 
+@pytest.mark.skipif(not hasattr(os, 'mkfifo'), reason='no FIFOs here')
 def test_tables_refuses_what_it_would_ignore_in_one_line(tmp_path):
     """tables.py: a bad --fraction or --bins is a line naming that key and its range; a mode switch given a
     value, an option without the mode that reads it, two modes at once, or a path that exists but is not a

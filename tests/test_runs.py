@@ -104,6 +104,14 @@ def foreign_checkpoint(folder):
     torch.save({'config': dict(train.DEFAULTS), 'model': {}}, os.path.join(folder, 'ckpt.pt'))
 
 
+def as_bert(folder):
+    """The run's checkpoint relabelled a BERT (sample.py refuses what a BERT would ignore before loading weights)."""
+    path = os.path.join(folder, 'ckpt.pt')
+    ckpt = torch.load(path, weights_only=False)
+    ckpt['model_args']['causal'] = False
+    torch.save(ckpt, path)
+
+
 def busy(folder):
     with open(os.path.join(folder, '.lock'), 'w') as f:
         f.write(f'{os.getpid()} {socket.gethostname()}\n')  # this test process: alive
@@ -124,7 +132,7 @@ CASES = {
     'eval_iters': ('train', ['--eval_iters=0'], 'eval_iters=0', None),
     'dropout': ('train', ['--dropout=1.5'], 'dropout=1.5', None),
     'out_dir': ('train', ['--out_dir='], "out_dir=''", None),
-    'out_dir a file': ('train', ['--out_dir=FOLDER/ckpt.pt'], 'ckpt.pt', None),
+    'out_dir a file': ('train', ['--out_dir=FOLDER/ckpt.pt'], "ckpt.pt' cannot be made a folder", None),
     'seed': ('train', [f'--seed={2**64 - 1}'], f'seed={2**64 - 1}', None),  # past torch's seeds (it adds to them)
     'min_lr': ('train', ['--min_lr=0.1'], 'min_lr=0.1 is above learning_rate=0.003', None),
     'num_samples': ('train', ['--num_samples=0'], 'num_samples=0', None),
@@ -164,16 +172,15 @@ CASES = {
     'sample seed': ('sample', [f'--seed={10**20}'], f'seed={10**20} is not an int in [0, 1e18]', None),
     'sample unknown key': ('sample', ['--topk=5'], "'topk'", None),
     'sample foreign checkpoint': ('sample', [], 'ckpt.pt', foreign_checkpoint),
+    'sample start on BERT': ('sample', ['--start=the'], "start='the' continues a GPT", as_bert),  # was ignored
+    'sample BERT window': ('sample', ['--max_new_tokens=1000'], 'max_new_tokens=1000 is more than the 16 positions', as_bert),
     'bench steps': ('bench', ['--steps=0'], 'steps=0', None),
     'bench device': ('bench', [f'--device={NO_GPU}'], 'device=', None),
 }
 
 
 def argv(script, args, folder):
-    if 'OWN' in args:  # GPT-2 weights set the model's shape: no shape flags go with them
-        return [f'--out_dir={folder}', *(a for a in TINY if a.split('=')[0] not in ('--n_layer', '--n_head', '--n_embd')),
-                *(own_checkpoint(folder) if a == 'OWN' else a for a in args)]
-    args = [a.replace('FOLDER', folder) for a in args]
+    args = [own_checkpoint(folder) if a == 'OWN' else a.replace('FOLDER', folder) for a in args]
     if script == 'train':
         return [f'--out_dir={folder}', *TINY, *args]
     return ([f'--out_dir={folder}', '--device=cpu'] if script == 'sample' else []) + args

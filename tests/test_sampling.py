@@ -252,6 +252,8 @@ def test_prompt_is_end_of_text_else_newline_else_token_0():
     assert sample.prompt_ids(CharTokenizer('\nab'), '') == [0] and sample.prompt_ids(CharTokenizer('ab\n'), '') == [2]
     no_newline = CharTokenizer([chr(ord('!') + i) for i in range(50)])
     assert sample.prompt_ids(no_newline, '') == [0] and sample.prompt_ids(no_newline, '#"') == [2, 1]
+    with pytest.raises(SystemExit, match=r"^error: start=' ' is no token of this checkpoint's word vocabulary$"):
+        sample.prompt_ids(WordTokenizer(['a', 'b']), ' ')  # it would index an empty prompt
     texts = sample.sample_texts(model(), no_newline, 3, 4)
     assert len(texts) == 3 and all(len(t) == 4 for t in texts)
 

@@ -215,7 +215,7 @@ def test_bad_values(tmp_path, arg, fragment):
 
 
 @pytest.mark.parametrize('text,fragment', [('batch_size = int\n', 'batch_size must be int'),  # once dropped as a helper
-                                           ('# nothing set\n', 'sets no keys'),  # a text file meant for --data=
+                                           ('# nothing set\n', "sets no keys (a config file assigns some, e.g. out_dir = 'out')"),
                                            (None, 'is not a regular file')])  # a folder
 def test_bad_config_file(tmp_path, text, fragment):
     path = tmp_path / 'conf.py'
