@@ -342,6 +342,8 @@ def load_data(data, tokenizer, n_sentences=150_000, val_fraction=0.1, n_modes=64
     if data != 'synthetic' and os.path.isdir(data):
         return load_bins(data, tokenizer)
     corpus = SyntheticCorpus(n_modes=n_modes, zipf=zipf, class_scale=class_scale) if data == 'synthetic' else None
+    if corpus is None and not os.path.exists(data):  # a typo of 'synthetic' too
+        raise SystemExit(f"error: data={data!r} does not exist (data: synthetic, a text file or a folder of prepared bins)")
     text = corpus.text(n_sentences, seed=0) if corpus is not None else read_text(data)
     tok = make_tokenizer(tokenizer, text, corpus)
     ids = np.array(tok.encode(text), dtype=np.int32)

@@ -332,6 +332,8 @@ def run(c, rank, world):
 
 def load_gpt2(c):
     """init_from=PATH: GPT-2's weights -> their state dict; GPT-2's tokenizer and shape go into c (for a resume)."""
+    if not os.path.exists(c['init_from']):  # a typo of 'resume' too
+        raise SystemExit(f"error: init_from={c['init_from']!r} does not exist (init_from: scratch, resume or a file of GPT-2 weights)")
     weights = load_checkpoint(c['init_from'])
     if isinstance(weights, dict) and {'model_args', 'config', 'tokenizer'} <= set(weights):  # save_checkpoint's
         raise SystemExit(f"error: init_from={c['init_from']!r} is a checkpoint of train.py, not GPT-2 weights; to "

@@ -149,6 +149,8 @@ CASES = {
     # a used folder: a fresh run is refused; the missing data file is found before anything goes
     'used folder': ('train', [], '--overwrite=True', None),
     'data file': ('train', ['--overwrite=True', '--data=/nonexistent.txt'], '/nonexistent.txt', None),
+    'data typo': ('train', ['--overwrite=True', '--data=synthetic2'], "data='synthetic2' does not exist (data: synthetic, a text", None),
+    'init_from typo': ('train', ['--overwrite=True', '--init_from=Resume'], "init_from='Resume' does not exist (init_from: scratch, resume", None),
     'busy folder': ('train', ['--overwrite=True'], '.lock', busy),
     'busy resume': ('train', ['--init_from=resume', '--max_iters=6'], '.lock', busy),
     # resuming: a shape key that is not the checkpoint's, or a checkpoint that is not train.py's
