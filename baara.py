@@ -20,7 +20,6 @@ P_S(g) (eq. 69); reward r_b = vbar_b c_b (eq. 68), REINFORCE. What the paper lea
 - vbar_b: mean of the last WINDOW v_b (eq. 66); c_b = 1 - H_b / log V (eq. 67). Only c_b v_b / W of
   r_b depends on a_b: the REINFORCE advantage is that part less its running mean, over its std.
 - One host sync per step, in act() (r_b comes a step late). Every rank takes the same action.
-
 `python baara.py` (no arguments) prints Theorem B.1 on a toy: theorem_b1 at 3 seeds, BAARA and a state-blind control.
 """
 import contextlib
@@ -31,11 +30,9 @@ import time
 
 from configurator import exit_if_help
 
-if __name__ == '__main__':  # before torch is imported, so that --help answers at once, and before the long run
+if __name__ == '__main__' and sys.argv[1:]:  # --help answers before torch is imported; nothing else starts the long run
     exit_if_help(sys.argv[1:], __doc__)
-    if sys.argv[1:]:
-        raise SystemExit(f"error: baara.py takes no arguments; got {' '.join(sys.argv[1:])!r} "
-                         "(python baara.py runs Theorem B.1's toy; --help describes it)")
+    raise SystemExit(f"error: baara.py takes no arguments; got {' '.join(sys.argv[1:])!r} (--help: what it runs)")
 
 import numpy as np
 import torch
@@ -99,9 +96,8 @@ class BAARA:
         self.block_params = [torch.tensor([index[id(p)] for p in b.parameters()]) for b in blocks]  # into params
         self.block_numel = [sum(p.numel() for p in b.parameters()) for b in blocks]  # for the Fisher means
         self.frozen = {'all': [], 'top': [i for b in self.block_params[:len(blocks) // 2] for i in b.tolist()]}  # P_S
-        counts = np.zeros(config.vocab_size)  # BERT's [MASK] id never occurs in the data
-        counts[:len(token_counts)] = token_counts
-        counts += 1.0
+        counts = np.ones(config.vocab_size)  # add-one; BERT's [MASK] id never occurs in the data
+        counts[:len(token_counts)] += token_counts
         self.rarity = torch.tensor(-np.log(counts / counts.sum()), dtype=torch.float32,
                                    device=self.params[0].device)  # of each token id: -log add-one frequency
         self.keeps = list(dict.fromkeys([(config.dmu_p, config.dtu_r), (1.0, 1.0)]))  # (p, r); the last: 'off'
