@@ -364,9 +364,8 @@ def logged_rows(b, pair):
 def nanogpt_row(nano, b, data, tiny, pair, rows):
     """Our train step against nanoGPT's at the same shape: nano, its model.py (load_nanogpt), else None."""
     if nano is None:
-        reason = 'no --nanogpt=PATH to its model.py'
-        rows.append(('model step vs nanoGPT', None, None, f'skipped: {reason}', None))
-        print(f'  model step vs nanoGPT: skipped ({reason})', flush=True)
+        rows.append(('model step vs nanoGPT', None, None, 'skipped: no --nanogpt=PATH to its model.py', None))
+        print('  model step vs nanoGPT: skipped (no --nanogpt=PATH to its model.py)', flush=True)
         return
     pair(f'model step ours / nanoGPT, {tiny}', NanoGPTSetup(nano, data, b), Setup(data, b))
 

@@ -40,6 +40,7 @@ def sample_texts(model, tok, n, max_new_tokens, temperature=1.0, top_k=0, start=
     tokenizer has none: prompt_ids); temperature 0 is greedy, top_p < 1 keeps the nucleus. BERT fills
     max_new_tokens [MASK] positions with the same decoder. Seeded and repeatable.
     Runs of several batches taking over 2 s print their progress to stderr."""
+    prompt = prompt_ids(tok, start) if model.config.causal else None  # once: every batch starts from it
     was_training = model.training
     model.eval()
     top_k = top_k or None
@@ -50,7 +51,6 @@ def sample_texts(model, tok, n, max_new_tokens, temperature=1.0, top_k=0, start=
         for i in range(0, n, batch_size):
             rows = min(batch_size, n - i)
             if model.config.causal:
-                prompt = prompt_ids(tok, start)
                 idx = torch.tensor([prompt] * rows, dtype=torch.long, device=device)
                 out = model.generate(idx, max_new_tokens, temperature, top_k, top_p=top_p)[:, len(prompt):]
             else:
