@@ -53,12 +53,13 @@ if __name__ == '__main__':  # the config above comes before torch is imported, s
 import numpy as np
 import torch
 
+import distributed
 import train
 from baara import BAARA, REF_EVERY
 from data import gpt2_encoding, load_data, prepare
 from metrics import distribution_metrics, high_frequency_set, text_metrics
-from model import GPT, MLP, GPTConfig, peak_flops
-from stabilize import PSU
+from model import GPT, MLP, GPTConfig
+from stabilize import PSU, FedBack
 
 
 class Setup:
@@ -69,7 +70,7 @@ class Setup:
         self.ids, self.tok = data
         self.device = c['device']
         device_type = 'cuda' if self.device.startswith('cuda') else 'cpu'
-        self.ctx = train.autocast_context(c['dtype'], self.device)
+        self.ctx = distributed.autocast_context(c['dtype'], self.device)
         torch.manual_seed(b['seed'])  # A and B start from the same weights
         config = GPTConfig(n_layer=c['n_layer'], n_head=c['n_head'], n_embd=c['n_embd'], block_size=c['block_size'],
                            vocab_size=self.tok.vocab_size, bias=c['bias'], dropout=c['dropout'],
@@ -77,8 +78,12 @@ class Setup:
         self.model = GPT(config).to(self.device)
         self.optimizer = self.model.configure_optimizers(c['weight_decay'], c['learning_rate'],
                                                          (c['beta1'], c['beta2']), device_type)
-        self.psu = PSU(self.model.parameters(), c['psu_lambda'], c['psu_beta'], c['psu_channels'], self.tok.eot)
-        self.baara, self.period = None, 1
+        fed_back = FedBack(c['psu_lambda'], c, self.tok, 0, self.ctx)  # PSU's data channel, when on
+        self.psu = PSU(self.model.parameters(), c['psu_lambda'], c['psu_beta'], c['psu_channels'], self.tok.eot,
+                       fed_back)
+        self.baara, self.period, self.iter = None, 1, 0
+        if self.psu.fed_back:  # a sample spans the steps from one rewrite of the stream to the next
+            self.period = c['psu_data_every']
         if c['baara']:
             reference = lambda g: train.batch(self.ids, c, self.tok, g, self.device)
             self.baara = BAARA(self.model, np.bincount(self.ids), c['seed'], reference, c['baara_cost'], self.ctx)
@@ -89,9 +94,12 @@ class Setup:
 
     def step(self, logged=False):
         """train.py's step; logged: as on its logged steps, measuring, then the loss and train.logged_numbers."""
-        c = self.c
+        c, fed_back = self.c, self.psu.fed_back
+        if fed_back:  # as train.py's loop: the stream rewritten when due
+            fed_back.refresh(self.model, self.iter)
+        self.iter += 1
         loss, grad_norm, update, logits, y = train.train_step(
-            self.forward, self.optimizer, lambda: train.batch(self.ids, c, self.tok, self.gen, self.device),
+            self.forward, self.optimizer, lambda: train.batch(self.ids, c, self.tok, self.gen, self.device, fed_back),
             c['learning_rate'], self.psu, self.baara, c['gradient_accumulation_steps'], c['grad_clip'], self.ctx, logged)
         if logged:
             loss.item()
@@ -140,7 +148,7 @@ class NanoGPTSetup:
         self.optimizer = self.model.configure_optimizers(d['weight_decay'], d['learning_rate'], (d['beta1'], d['beta2']),
                                                          b['device'].split(':')[0])
         self.tok, self.gen, self.period = tok, torch.Generator().manual_seed(b['seed']), 1
-        self.tokens, self.ctx = d['batch_size'] * d['block_size'], train.autocast_context(b['dtype'], b['device'])
+        self.tokens, self.ctx = d['batch_size'] * d['block_size'], distributed.autocast_context(b['dtype'], b['device'])
 
     def step(self):
         x, y = (t.contiguous() for t in train.batch(self.ids, self.c, self.tok, self.gen, self.c['device']))  # nanoGPT views them
@@ -178,7 +186,7 @@ class MLPSetup:
         self.mlp = MLP(GPTConfig(n_embd=n_embd, dmu_p=dmu_p, dmu_mode='fix')).to(device)
         self.optimizer = torch.optim.AdamW(self.mlp.parameters(), lr=1e-4, fused=True)  # as train.py's
         self.x = torch.randn(tokens // 64, 64, n_embd, device=device)
-        self.ctx = train.autocast_context(b['dtype'], device)
+        self.ctx = distributed.autocast_context(b['dtype'], device)
         self.period, self.tokens = 1, tokens
 
     def step(self):
@@ -203,7 +211,7 @@ class SamplingSetup:
         n = d['num_samples']
         self.prompts = [torch.full((min(100, n - i), 1), tok.eot, dtype=torch.long, device=b['device'])
                         for i in range(0, n, 100)]
-        self.ctx = train.autocast_context(b['dtype'], b['device'])
+        self.ctx = distributed.autocast_context(b['dtype'], b['device'])
         self.use_cache, self.new_tokens = use_cache, d['sample_tokens']
         self.period, self.tokens = 1, n * d['sample_tokens']
 
@@ -335,7 +343,7 @@ def gpu_rows(b, pair, size=GPT2, label='GPT-2 124M', vocab=50304):
     what = f"{label} ({size['batch_size']}x{size['block_size']} tokens)"
     eager, comp = Setup(data, b, **size), Setup(data, b, compile=True, **size)
     t_eager, t_comp = pair(f'compile / eager, {what}', eager, comp)
-    peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    peak = distributed.peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     parts = []
     for name, s, t in (('eager', eager, t_eager), ('compiled', comp, t_comp)):
         rate = s.tokens / t
@@ -403,6 +411,8 @@ def main(argv):
     off, _ = pair(f'PSU lambda=0.2 both / off, {tiny}', Setup(data, b),
                   Setup(data, b, psu_lambda=0.2, psu_channels='both'), 1.05)
     pair(f'BAARA on / off, {tiny}', Setup(data, b), Setup(data, b, baara=True), 1.10)
+    pair(f"PSU data channel lambda=0.2 / off, every {d['psu_data_every']} steps, {tiny}", Setup(data, b),
+         Setup(data, b, psu_lambda=0.2, psu_channels='data', warmup_iters=0), 1.3, steps=max(1, b['steps'] // 5))
     with tempfile.TemporaryDirectory() as folder:  # the bins are read while the pair steps
         in_memory, from_bins = bins_data(corpus_text, folder)
         pair(f'train step from bins / from memory, {tiny}', Setup(in_memory, b), Setup(from_bins, b), 1.02)

@@ -165,3 +165,55 @@ def check_type(key, value, default):
     if not ok:
         raise SystemExit(f"error: {key} must be {type(default).__name__} (like {default!r}), got {value!r}")
     return value
+
+
+# -----------------------------------------------------------------------------
+# train.py's config: its checks across keys
+
+# keys that fix the model's shape, data or vocabulary: a resumed run may only repeat the checkpoint's
+SHAPE_KEYS = ('model', 'size', 'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'data', 'tokenizer',
+              'n_sentences', 'synthetic_modes', 'synthetic_zipf', 'synthetic_class_scale')
+
+
+def train_config(argv, defaults, rules, sizes, resumed_config):
+    """train.py's config: defaults <- (the resumed run's config) <- config file <- --key=value,
+    validated once merged (the rules, then the checks across keys). A named size sets
+    n_layer/n_head/n_embd unless they are given too. Nothing is written anywhere until this has
+    passed. resumed_config: checkpoint.resumed_config (the checkpoint's config under the given keys)."""
+    config, given = parse_flags(defaults, argv, rules)
+    validate(config, rules)  # what was given: out_dir and init_from are read below
+    if config['init_from'] == 'resume':
+        config = resumed_config(config, given, defaults, SHAPE_KEYS)
+        validate(config, rules)  # and what the checkpoint brought (its device, say)
+    config['device'], config['dtype'] = auto_device(config['device']), auto_dtype(config['dtype'])
+    if 'size' in given and config['init_from'] != 'resume':
+        for key, value in zip(('n_layer', 'n_head', 'n_embd'), sizes[config['size']]):
+            config[key] = config[key] if key in given else value
+        if config['size'].startswith('bert'):  # a BERT size is a bidirectional masked LM
+            if 'model' in given and config['model'] != 'bert':
+                raise SystemExit(f"error: size={config['size']} is a BERT size; use --model=bert or a "
+                                 f"gpt2 size")
+            config['model'] = 'bert'
+    if config['init_from'] not in ('scratch', 'resume'):  # GPT-2's weights: a causal GPT of their shape
+        if config['model'] == 'bert':
+            raise SystemExit(f"error: model=bert cannot start from GPT-2 weights "
+                             f"(init_from={config['init_from']!r}); use --model=gpt")
+        set_by_size = {'n_layer', 'n_head', 'n_embd'} if 'size' in given else set()
+        for key in {'n_layer', 'n_head', 'n_embd', 'bias'} - given - set_by_size:
+            config[key] = None  # the weights' (checkpoint.load_gpt2); a value given must be theirs
+    check_across_keys(config, given)
+    return config
+
+
+def check_across_keys(config, given):
+    if config['min_lr'] > config['learning_rate']:
+        default = '' if 'min_lr' in given else ' (its default)'
+        raise SystemExit(f"error: min_lr={config['min_lr']}{default} is above learning_rate="
+                         f"{config['learning_rate']} (the cosine decays from learning_rate to min_lr); "
+                         f"set --min_lr, e.g. to a tenth of learning_rate")
+    if 'data' in config['psu_channels'] and config['fsdp']:
+        raise SystemExit(f"error: psu_channels={config['psu_channels']!r} feeds back the model's own "
+                         f"text, which a sharded model does not write; use --fsdp=False")
+    if config['n_embd'] and config['n_head'] and config['n_embd'] % config['n_head']:  # None: GPT-2's
+        raise SystemExit(f"error: n_embd={config['n_embd']} is not a multiple of n_head="
+                         f"{config['n_head']} (each head gets n_embd // n_head dimensions)")

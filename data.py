@@ -41,7 +41,7 @@ import shutil
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -154,6 +154,26 @@ def sentence_keys(words, sent, n):
     bounds = np.searchsorted(sent, np.arange(n + 1)).tolist()
     raw = np.asarray(words, dtype=np.int32).tobytes()
     return [raw[4 * a:4 * b] for a, b in zip(bounds, bounds[1:])]
+
+
+def template_labels(corpus, vocab, ids, sent, n_sent):
+    """corpus.mode_of of every sentence (equal to it, tested), -1 for none, fast: a sentence is
+    coded as bytes, a byte per word, its slot (1, 2, ...; 0 = not a corpus word)."""
+    slots = {s: k + 1 for k, s in enumerate(sorted(set(corpus.slot_of.values())))}
+    assert len(slots) < 256, "too many slots for a byte each"
+    code = np.array([slots.get(corpus.slot_of.get(w), 0) for w in vocab], np.uint8)[ids].tobytes()
+    mode = {bytes(slots[s] for s in t): m for m, t in enumerate(corpus.templates)}
+    ends = np.searchsorted(sent, np.arange(n_sent + 1)).tolist()  # sentence i: ends[i]:ends[i + 1]
+    return np.array([mode.get(code[a:b], -1) for a, b in zip(ends, ends[1:])], dtype=np.int64)
+
+
+def true_logprobs(corpus, tok, words, sent, n):
+    """log p(s) of each of split_sentences' sentences: log P(template) + the sum of its words'
+    log P(word | slot) (corpus.word_logprob); -inf where no template fits."""
+    modes = template_labels(corpus, tok.words, words, sent, n)
+    word_lp = np.array([corpus.word_logprob[w] for w in tok.words])
+    lp = np.log(corpus.mode_probs)[modes] + np.bincount(sent, weights=word_lp[words], minlength=n)
+    return np.where(modes >= 0, lp, -math.inf)
 
 
 def zipf_weights(n, s):
@@ -397,12 +417,27 @@ def read_text(path):
     return text
 
 
+def join_rows(rows, sep, min_length):
+    """Generated rows of ids -> one stream, as the corpus is: each row was written after a
+    separator `sep` (its end-of-text or newline prompt) and is cut after its last one, so that no
+    sentence is left open (a row without one stays whole, closed by the next row's separator);
+    sep None: BERT's rows, joined whole. Repeated up to min_length tokens."""
+    stream = [sep] if sep is not None else []
+    for row in rows:
+        stream += row[:len(row) - row[::-1].index(sep)] if sep in row else row
+        if sep is not None and stream[-1] != sep:
+            stream.append(sep)
+    stream = np.array(stream, dtype=np.int64)
+    return np.tile(stream, -(-min_length // len(stream)))
+
+
 def get_batch(ids, batch_size, block_size, generator, device):
     """Random windows of block_size+1 tokens: inputs x and next-token targets y. ids may be a
     memmap: only the windows are read, and they become int64 here."""
     import torch  # here, so that `python data.py` (prepare) does not load torch
     ix = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=generator).numpy()
-    rows = np.stack([ids[i:i + block_size + 1] for i in ix]).astype(np.int64)  # (batch_size, block_size + 1)
+    windows = [ids[i:i + block_size + 1] for i in ix]  # none when PSU's data channel fills the batch
+    rows = (np.stack(windows) if windows else np.empty((0, block_size + 1))).astype(np.int64)
     xy = torch.from_numpy(rows)
     if device.startswith('cuda'):
         xy = xy.pin_memory().to(device, non_blocking=True)
@@ -422,6 +457,63 @@ def count_words(text):
     """Counter of the words of a str."""
     counts = Counter(text.encode('utf-8', 'replace').translate(WORD_BYTES).split())
     return Counter({w.decode('ascii'): n for w, n in counts.items()})
+
+
+# tokenize() equals words() (tested), fast: WORD_BYTES, with '\n' as \x01, the word NL
+BYTE_TO_WORD_CHAR = WORD_BYTES[:10] + b'\x01' + WORD_BYTES[11:]
+NL, SEP = 0, 1
+
+
+def tokenize(texts):
+    """Many texts -> (vocabulary, flat int64 ids: words >= 2, NL = '\\n', SEP ends a text)."""
+    big = b' \x02 '.join(t.encode('utf-8', 'replace').translate(BYTE_TO_WORD_CHAR) for t in texts)
+    tokens = (big + b' \x02').replace(b'\x01', b' \x01 ').split()
+    index = {w: i for i, w in enumerate(dict.fromkeys([b'\x01', b'\x02'] + tokens))}
+    ids = np.fromiter(map(index.__getitem__, tokens), dtype=np.int64, count=len(tokens))
+    return [w.decode() for w in index], ids
+
+
+Encoded = namedtuple('Encoded', 'ids lens vocab')  # sequences: flat int64 ids, lengths, vocab size
+
+
+def encode(seqs):
+    """Sequences of hashable tokens -> Encoded."""
+    index = {}
+    flat = [index.setdefault(t, len(index)) for s in seqs for t in s]
+    lens = np.array([len(s) for s in seqs], dtype=np.int64)
+    return Encoded(np.array(flat, dtype=np.int64), lens, len(index))
+
+
+def ngrams(seqs, n):
+    """(codes, seq) of sequences (or an Encoded): a code per n-gram (none spans two) and its seq."""
+    ids, lens, vocab = seqs if isinstance(seqs, Encoded) else encode(seqs)
+    seq = np.repeat(np.arange(len(lens)), lens)
+    pos = np.flatnonzero(np.arange(len(ids)) + n <= np.repeat(np.cumsum(lens), lens))
+    base = np.uint64(vocab if max(vocab, 2) ** n < 2 ** 64 else 0x9E3779B97F4A7C15)  # else hashed
+    codes = ids[pos].astype(np.uint64)
+    for k in range(1, n):  # uint64 arithmetic wraps around
+        codes = codes * base + ids[pos + k].astype(np.uint64)
+    return codes, seq[pos]
+
+
+def sentences(ids):
+    """(sentence index of each of tokenize()'s ids, which sentences are complete): a sentence is a
+    segment closed by end-of-text (NL); each sample's unfinished last one is not complete."""
+    sent = np.cumsum(np.r_[True, ((ids == NL) | (ids == SEP))[:-1]]) - 1
+    complete = np.zeros(sent.max(initial=-1) + 1, dtype=bool)
+    complete[sent[ids == NL]] = True
+    return sent, complete
+
+
+def reference_texts(corpus_text, texts):
+    """The corpus cut like the samples: len(texts) consecutive pieces of the mean sample length
+    (characters), each starting just after a '\\n' (where a GPT sample starts)."""
+    size = max(1, round(sum(map(len, texts)) / max(1, len(texts))))
+    pieces, at = [], 0
+    while len(pieces) < len(texts) and at < len(corpus_text):
+        pieces.append(corpus_text[at:at + size])
+        at = corpus_text.find('\n', at + size) + 1 or len(corpus_text)
+    return pieces
 
 
 # -----------------------------------------------------------------------------
@@ -820,8 +912,12 @@ def main(argv):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"error: terminated; {c['out']!r} was not written"))
     try:
         meta = prepare(**c)
-    except (KeyboardInterrupt, SystemExit) as e:  # (prepare removed its temporary folder)
+    except (KeyboardInterrupt, SystemExit, OSError) as e:  # (prepare removed its temporary folder)
         message = e.code if isinstance(e, SystemExit) else f"error: interrupted; {c['out']!r} was not written"
+        if isinstance(e, OSError):  # a full disk, a quota, a vanished folder
+            from runfolder import free_space
+            message = (f"error: {c['out']!r} was not written: {e.strerror or e} ({free_space(c['out'])} "
+                       f"free on its file system)")
         raise SystemExit(('\n' if Progress.open else '') + str(message))
     s, mb = meta['splits'], meta['source']['bytes'] / 1e6
     print(f"{c['out']}: {s['train']['tokens']:,} train + {s['val']['tokens']:,} val tokens ({meta['tokenizer']['name']}, "

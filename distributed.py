@@ -1,14 +1,19 @@
 """
-Distributed plumbing, kept out of the paper's files: torchrun set-up, FSDP2 sharding, and the
-helpers that let PSU, BAARA and the checkpoints treat FSDP's sharded parameters (DTensors) and
-plain tensors alike. A reader of the paper's algorithms can skip this file: on one process
-every helper below is the identity, or a no-op.
+Device and distributed plumbing, kept out of the paper's files: devices (autocast, a GPU's peak
+FLOP/s, the log's throughput), torchrun set-up, FSDP2 sharding, the helpers that let PSU, BAARA
+and the checkpoints treat FSDP's sharded parameters (DTensors) and plain tensors alike, and the
+logged step's AdamW step taken in pieces (to measure ||theta_t - theta_{t-1}|| without a copy).
+A reader of the paper's algorithms can skip this file: on one process every helper below is the
+identity, or a no-op, or a plain measurement.
 
-It is its own file because train.py, stabilize.py and baara.py all need it, and because a
-reader of those should meet at most a one-line call where sharding matters.
+It is its own file because train.py, stabilize.py, baara.py and bench.py all need it, and because
+a reader of those should meet at most a one-line call where sharding matters.
 """
 import os
+import time
+from contextlib import nullcontext
 from datetime import timedelta
+from itertools import repeat
 
 import torch
 from torch.distributed import destroy_process_group, init_process_group
@@ -17,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.adamw import adamw
 
 try:  # FSDP's parameters are DTensors (shards)
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -94,7 +100,60 @@ def gather_to_cpu(tensors, saving=True):
 
 
 # -----------------------------------------------------------------------------
+# devices
+
+PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12,  # dense bf16
+              'A100': 312e12}  # FLOP/s by GPU name; the first name in get_device_name() wins
+
+
+def peak_flops(device_name):
+    """Dense bf16 peak of a GPU from torch.cuda.get_device_name(); None where unknown."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
+
+
+def autocast_context(dtype, device):
+    """bf16 autocast over float32 weights, or nothing (no float16: it would need a gradient scaler)."""
+    if dtype == 'float32':
+        return nullcontext()
+    return torch.autocast(device_type='cuda' if device.startswith('cuda') else 'cpu', dtype=torch.bfloat16)
+
+
+class Throughput:
+    """The log's speed numbers: tokens/s since the last logged step or eval (an eval is not
+    training), an ETA once 5 steps have run (fewer, with warm-up or compile, mislead), and on a
+    GPU the model FLOPs utilisation (MFU) and the peak memory."""
+
+    def __init__(self, c, world, iter_num):
+        self.tokens_per_iter = c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps'] * world
+        self.world, self.max_iters, self.device = world, c['max_iters'], c['device']
+        cuda = self.device.startswith('cuda')
+        self.peak = peak_flops(torch.cuda.get_device_name(self.device)) if cuda else None
+        self.t_start, self.iter_start = time.time(), iter_num
+        self.restart(iter_num)
+
+    def restart(self, iter_num):
+        """Time from here: iteration iter_num's step is the next."""
+        self.t_lap, self.iter_lap = time.time(), iter_num
+
+    def lap(self, iter_num, model):
+        """After step iter_num: ({tok_per_s, eta_s}, {mfu, peak_mem_gib}) (each where known)."""
+        now = time.time()
+        tok_s = self.tokens_per_iter * (iter_num + 1 - self.iter_lap) / (now - self.t_lap)
+        speed = {'tok_per_s': round(tok_s)}
+        done = iter_num + 1 - self.iter_start
+        if done >= 5:
+            speed['eta_s'] = round((now - self.t_start) / done * (self.max_iters - iter_num - 1))
+        load = {'mfu': model.estimate_mfu(tok_s / self.world, self.peak)} if self.peak else {}
+        if self.device.startswith('cuda'):
+            load['peak_mem_gib'] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.restart(iter_num + 1)
+        return speed, load
+
+
+# -----------------------------------------------------------------------------
 # processes: one, or many under torchrun
+
+CPU_GROUP = [None]  # a gloo group beside nccl on GPUs (max_over_ranks); None: the default group
 
 def setup(device, fsdp):
     """-> (rank, world size, device). Under torchrun: one process group (nccl on GPUs, gloo on CPUs)
@@ -103,6 +162,7 @@ def setup(device, fsdp):
     rank, world = 0, 1
     if 'RANK' in os.environ:
         init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo', timeout=timedelta(hours=1))
+        CPU_GROUP[0] = torch.distributed.new_group(backend='gloo') if device.startswith('cuda') else None
         rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
         if device.startswith('cuda'):
             device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -133,6 +193,16 @@ def sync_gradients(model, on):
     model = getattr(model, '_orig_mod', model)  # under torch.compile
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(on)
+
+
+def max_over_ranks(n):
+    """The largest of an int over the ranks (n itself on one process): a small CPU collective
+    (gloo, also beside nccl), so that it never waits on a GPU."""
+    if not torch.distributed.is_initialized():
+        return n
+    t = torch.tensor([n])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=CPU_GROUP[0])
+    return int(t)
 
 
 def gather_objects(obj):
@@ -221,3 +291,54 @@ def rekey(optim_state, keys):
 
 def is_rank0():
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+# -----------------------------------------------------------------------------
+# the logged step: AdamW's step taken in pieces, to measure ||theta_t - theta_{t-1}|| (Def. 3.1)
+# without a parameter-sized copy
+
+# Elements the logged step's measurements hold at a time (1 MiB in fp32): whole SIMD vectors, as
+# fused AdamW rounds a call's leftover tail apart, and pieces must step bit for bit as one step.
+PIECE = 1 << 18
+
+
+@torch.no_grad()
+def step_measuring_update(optimizer, psu=None):
+    """optimizer.step() (bit for bit; tested) that also returns ||theta_t - theta_{t-1}|| (Def. 3.1) and PSU's
+    pull to come (pending_pull), with no parameter copy: each piece's difference is taken while in cache.
+    Gradients mark what AdamW moves (BAARA's P_S drops some); under FSDP the squares add up over the ranks."""
+    theta_bar = dict(zip(psu.params, psu.ema)) if psu is not None and psu.params_on else {}
+    squares = []
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            if p.grad is None and p not in theta_bar:
+                continue  # neither AdamW nor PSU moves it
+            steps = adamw_pieces(optimizer, group, p) if p.grad is not None else ((t, None) for t in pieces(p, PIECE))
+            bars = pieces(theta_bar[p], PIECE) if p in theta_bar else repeat(None)
+            for (theta, d), bar in zip(steps, bars):
+                if bar is not None:
+                    pull = psu.pending_pull(theta, bar)
+                    d = pull if d is None else d.add_(pull)
+                squares.append(torch.dot(d, d))  # ~1e-7 relative (a whole-tensor vector_norm: 3e-3 at 38M elements)
+    return sum_shards_(torch.stack(squares).sum(), is_sharded(optimizer.param_groups[0]['params'])).sqrt()
+
+
+def adamw_pieces(optimizer, group, p):
+    """Step p as optimizer.step() would (torch's functional AdamW, the group's settings), PIECE elements at a
+    time; yields each piece theta_t and theta_t - theta_{t-1} (in one PIECE-sized buffer, reused)."""
+    assert not group['amsgrad'], "train.py's AdamW keeps no max_exp_avg_sq"
+    state = optimizer.state[p]
+    if not state:  # AdamW's first step: its state, made as torch.optim.AdamW makes it
+        on_device = group['fused'] or group['capturable']
+        state.update(step=torch.zeros((), dtype=torch.float32, device=p.device if on_device else 'cpu'),
+                     exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    step, (beta1, beta2) = state['step'].clone(), group['betas']  # each piece's call adds 1 to its own copy
+    state['step'].add_(1)  # the state counts the step once
+    buffer = None
+    for theta, g, m, v in zip(*(pieces(t, PIECE) for t in (p, p.grad, state['exp_avg'], state['exp_avg_sq']))):
+        buffer = torch.empty_like(theta) if buffer is None else buffer  # the first piece is the longest
+        before = buffer[:theta.numel()].copy_(theta)  # theta_{t-1}
+        adamw([theta], [g], [m], [v], [], [step.clone()], foreach=group['foreach'], fused=group['fused'], amsgrad=False,
+              capturable=group['capturable'], differentiable=group['differentiable'], beta1=beta1, beta2=beta2,
+              lr=group['lr'], weight_decay=group['weight_decay'], eps=group['eps'], maximize=group['maximize'])
+        yield theta, torch.sub(theta, before, out=before)  # theta_t - theta_{t-1}

@@ -1,19 +1,20 @@
-"""Metrics of Sec. 6 as plain functions on tokens, text, logits or hidden states; evaluate()
-computes them all at the end of a training run (train.py writes them to report.json, and
-tables.py reads them from there). Text metrics count words, not tokens, so that runs with different
-tokenizers compare, and are also computed on the corpus cut like the samples, at the same size."""
+"""Metrics of Sec. 6; evaluate() computes them all at a run's end, into report.json (for tables.py).
+Text metrics count words, not tokens, so that runs with different tokenizers compare, and also run
+on the corpus cut like the samples, at the same size. Part two: Theorem 5.5's exact quantities."""
 import math
 import re
-from collections import Counter, namedtuple
+from collections import Counter
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import WORD_BYTES, count_words as word_counts, entropy, get_batch, row_sentences, sentence_keys, split_sentences
+from data import (SEP, Encoded, count_words as word_counts, encode, entropy, get_batch, ngrams,
+                  reference_texts, row_sentences, sentence_keys, sentences, split_sentences,
+                  template_labels, tokenize, true_logprobs)
+from distributed import PIECE
 from model import decoder_logits, mask_id, mask_tokens
-from stabilize import PIECE
 
 
 def words(text):
@@ -22,16 +23,19 @@ def words(text):
 
 
 def high_frequency_set(corpus_text, fraction=0.25):
-    """The fewest most frequent words (count, then a-z) of a text or Counter covering `fraction`."""
+    """Sec. 6's high-frequency words: the fewest most frequent words of a text or Counter (ranked
+    by count, then a-z) that together make up `fraction` of its word occurrences."""
     assert 0 < fraction <= 1, fraction
     counts = corpus_text if isinstance(corpus_text, Counter) else word_counts(corpus_text)
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    cum = np.cumsum([n for _, n in ranked])
-    return {w for w, _ in ranked[:int(np.searchsorted(cum, fraction * cum[-1])) + 1]}
+    cum = np.cumsum([n for _, n in ranked])  # occurrences of the top 1, 2, ... words
+    n_top = int(np.searchsorted(cum, fraction * cum[-1])) + 1  # the first top n reaching fraction
+    return {w for w, _ in ranked[:n_top]}
 
 
 def high_frequency_proportion(text, hf_set):
-    """Share of the words of `text` (a string, list of words or dict word -> count) in hf_set."""
+    """Sec. 6's high-frequency word proportion: the share of the words of `text` (a string, list
+    of words or dict word -> count) in hf_set, the corpus's high_frequency_set; NaN for none."""
     counts = Counter(words(text) if isinstance(text, str) else text)
     total = sum(counts.values())
     return sum(counts[w] for w in hf_set) / total if total else float('nan')
@@ -39,16 +43,16 @@ def high_frequency_proportion(text, hf_set):
 
 @torch.no_grad()
 def predictive_entropy(logits, mask=None):
-    """Mean over positions (those where mask is True; NaN for none) of the entropy (nats) of softmax(logits),
-    0-dim (no host sync), PIECE elements (or a row) at a time: ~1 MiB of fp32 temporaries, not logits-sized."""
+    """H_pred: mean over positions (where mask is True; NaN for none) of softmax(logits)'s entropy
+    (nats), 0-dim (no host sync); PIECE elements at a time: ~1 MiB of fp32 temporaries."""
     z = logits.flatten(0, -2)  # (positions, V)
     weight = torch.ones(len(z), device=z.device) if mask is None else mask.reshape(-1).float()
     rows, total = max(1, PIECE // z.size(-1)), 0
     for piece, w in zip(z.split(rows), weight.split(rows)):  # piece: (rows, V)
         shifted = piece.float() - piece.amax(-1, keepdim=True).float()  # z - max z <= 0
-        e = shifted.clamp_min_(-1e30).exp()  # a -inf logit (a decoder's): p = 0, and 0 * -1e30 adds nothing
-        z_sum = e.sum(-1)  # Z / exp(max z), (rows,)
-        total = total + ((z_sum.log() - (e * shifted).sum(-1) / z_sum) * w).sum()  # H = log Z - E_p[z]: terms >= 0
+        e = shifted.clamp_min_(-1e30).exp()  # a -inf logit (a decoder's): p = 0, adds 0 * -1e30
+        z_sum = e.sum(-1)  # Z / exp(max z), (rows,); below, H = log Z - E_p[z] >= 0 per row
+        total = total + ((z_sum.log() - (e * shifted).sum(-1) / z_sum) * w).sum()
     return total / weight.sum()
 
 
@@ -60,45 +64,10 @@ def eot_mass(logits, eot, mask=None):
 
 def effective_rank(hidden):
     """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of hidden."""
-    h = hidden.detach().reshape(-1, hidden.shape[-1]).double()  # (N, d): leading dims flattened, not centred
+    h = hidden.detach().reshape(-1, hidden.shape[-1]).double()  # (N, d), not centred
     s = torch.linalg.svdvals(h)
-    s = s[s > s.max() * torch.finfo(hidden.dtype).eps * max(h.shape)]  # those above numpy's rank tolerance
+    s = s[s > s.max() * torch.finfo(hidden.dtype).eps * max(h.shape)]  # numpy's rank tolerance
     return math.exp(torch.special.entr(s / s.sum()).sum().item())
-
-
-# tokenize() equals words() (tested), fast: data.py's WORD_BYTES, with '\n' as \x01, the word NL
-BYTE_TO_WORD_CHAR = WORD_BYTES[:10] + b'\x01' + WORD_BYTES[11:]
-NL, SEP = 0, 1
-Encoded = namedtuple('Encoded', 'ids lens vocab')  # sequences: flat int64 ids, lengths, vocab size
-
-
-def tokenize(texts):
-    """Many texts -> (vocabulary, flat int64 ids: words >= 2, NL = '\\n', SEP ends a text)."""
-    big = b' \x02 '.join(t.encode('utf-8', 'replace').translate(BYTE_TO_WORD_CHAR) for t in texts)
-    tokens = (big + b' \x02').replace(b'\x01', b' \x01 ').split()
-    index = {w: i for i, w in enumerate(dict.fromkeys([b'\x01', b'\x02'] + tokens))}
-    ids = np.fromiter(map(index.__getitem__, tokens), dtype=np.int64, count=len(tokens))
-    return [w.decode() for w in index], ids
-
-
-def encode(seqs):
-    """Sequences of hashable tokens -> Encoded."""
-    index = {}
-    flat = [index.setdefault(t, len(index)) for s in seqs for t in s]
-    lens = np.array([len(s) for s in seqs], dtype=np.int64)
-    return Encoded(np.array(flat, dtype=np.int64), lens, len(index))
-
-
-def ngrams(seqs, n):
-    """(codes, seq) of sequences (or an Encoded): a code per n-gram (none spans two) and its seq."""
-    ids, lens, vocab = seqs if isinstance(seqs, Encoded) else encode(seqs)
-    seq = np.repeat(np.arange(len(lens)), lens)
-    pos = np.flatnonzero(np.arange(len(ids)) + n <= np.repeat(np.cumsum(lens), lens))
-    base = np.uint64(vocab if max(vocab, 2) ** n < 2 ** 64 else 0x9E3779B97F4A7C15)  # else hashed
-    codes = ids[pos].astype(np.uint64)
-    for k in range(1, n):  # uint64 arithmetic wraps around
-        codes = codes * base + ids[pos + k].astype(np.uint64)
-    return codes, seq[pos]
 
 
 def distinct_n(seqs, n):
@@ -157,29 +126,9 @@ def mode_concentration(labels, eps=0.05, ks=(1, 5)):
                 **{f'top{k}_mass': float(top[min(k, len(top)) - 1]) if n else None for k in ks})
 
 
-def template_labels(corpus, vocab, ids, sent, n_sent):
-    """corpus.mode_of of every sentence (equal to it, tested), -1 for none, fast: a sentence is
-    coded as bytes, a byte per word, its slot (1, 2, ...; 0 = not a corpus word)."""
-    slots = {s: k + 1 for k, s in enumerate(sorted(set(corpus.slot_of.values())))}
-    assert len(slots) < 256, "too many slots for a byte each"
-    code = np.array([slots.get(corpus.slot_of.get(w), 0) for w in vocab], np.uint8)[ids].tobytes()
-    mode = {bytes(slots[s] for s in t): m for m, t in enumerate(corpus.templates)}
-    ends = np.searchsorted(sent, np.arange(n_sent + 1)).tolist()  # sentence i: ends[i]:ends[i + 1]
-    return np.array([mode.get(code[a:b], -1) for a, b in zip(ends, ends[1:])], dtype=np.int64)
-
-
-def sentences(ids):
-    """(sentence index of each of tokenize()'s ids, which sentences are complete): a sentence is a
-    segment closed by end-of-text (NL); each sample's unfinished last one is not complete."""
-    sent = np.cumsum(np.r_[True, ((ids == NL) | (ids == SEP))[:-1]]) - 1
-    complete = np.zeros(sent.max(initial=-1) + 1, dtype=bool)
-    complete[sent[ids == NL]] = True
-    return sent, complete
-
-
 def text_metrics(texts, hf_set, corpus=None, drop_first=False, eps=0.05):
-    """All text metrics of generated samples; modes: corpus.mode_of's templates, else words. With
-    drop_first (BERT, whose window starts anywhere) a sample's first sentence is not counted."""
+    """All text metrics of samples (sample_entropy: H_sample, the plug-in entropy of their word
+    unigrams). With drop_first (BERT, whose window starts anywhere) no first sentence counts."""
     vocab, ids = tokenize(texts)
     word, sep = ids > SEP, ids == SEP
     sample = (np.cumsum(sep) - sep)[word]  # the sample of each word
@@ -195,34 +144,22 @@ def text_metrics(texts, hf_set, corpus=None, drop_first=False, eps=0.05):
     hf = high_frequency_proportion(dict(zip(vocab, counts.tolist())), hf_set)
     hist = {str(k): int(v) for k, v in zip(*np.unique(lengths, return_counts=True))}
     mean, std = (float(lengths.mean()), float(lengths.std())) if len(lengths) else (None, None)
-    sentence_mean = float(sent_words[complete].mean()) if complete.any() else None
-    return dict(n_samples=len(texts), n_words=len(enc.ids),  # sample_entropy: plug-in, of the words' unigrams
+    sent_mean = float(sent_words[complete].mean()) if complete.any() else None
+    return dict(n_samples=len(texts), n_words=len(enc.ids),
                 sample_entropy=entropy(counts[counts > 0] / counts.sum()), hf_proportion=hf,
                 **{f'distinct_{n}': distinct_n(enc, n) for n in (1, 2, 3)},
                 seq_rep_4=seq_rep_n(enc, 4), loop_share=loop_share(enc),
                 terminated=len(lengths) / len(texts), length_mean=mean, length_std=std,
-                length_hist=hist, sentence_length_mean=sentence_mean, **mode_concentration(labels, eps),
+                length_hist=hist, sentence_length_mean=sent_mean, **mode_concentration(labels, eps),
                 modes_kind='words' if corpus is None else 'templates')
-
-
-def reference_texts(corpus_text, texts):
-    """The corpus cut like the samples: len(texts) consecutive pieces of the mean sample length
-    (characters), each starting just after a '\\n' (where a GPT sample starts)."""
-    size = max(1, round(sum(map(len, texts)) / max(1, len(texts))))
-    pieces, at = [], 0
-    while len(pieces) < len(texts) and at < len(corpus_text):
-        pieces.append(corpus_text[at:at + size])
-        at = corpus_text.find('\n', at + size) + 1 or len(corpus_text)
-    return pieces
 
 
 @torch.no_grad()
 def evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=8, n_batches=4,
              device='cpu', ctx=nullcontext(), fraction=0.25, eps=0.05, seed=0, counts=None):
     """Every metric of a trained model (raw GPT) and its texts, as a JSON-able dict: text_metrics,
-    'corpus' = the same on reference_texts, and on validation batches H_pred, EOT mass, erank.
-    counts: the Counter of the corpus's words (data.Data.word_counts), of which corpus_text is only
-    a part for prepared bins; None: corpus_text's."""
+    'corpus' (the same on reference_texts), H_pred, EOT mass, erank on validation batches. counts:
+    the corpus's word Counter (data.Data.word_counts; for bins, corpus_text is only a part)."""
     counts = word_counts(corpus_text) if counts is None else counts
     cfg, was_training, mask, eot = model.config, model.training, None, tok.eot
     hf, bert = high_frequency_set(counts, fraction), not cfg.causal
@@ -255,146 +192,144 @@ def evaluate(model, tok, corpus_text, corpus, texts, val_ids, batch_size=8, n_ba
 
 
 # -----------------------------------------------------------------------------
-# Theorem 5.5 measured literally: the synthetic corpus knows p, its distribution over sentences (words and
-# closing end-of-text), exactly; the model's q is estimated from sentences drawn from p and from q.
-
-def true_logprobs(corpus, tok, words, sent, n):
-    """log p(s) of each of split_sentences' sentences: log P(template) + the sum of its words'
-    log P(word | slot) (corpus.word_logprob); -inf where no template fits."""
-    modes = template_labels(corpus, tok.words, words, sent, n)
-    word_lp = np.array([corpus.word_logprob[w] for w in tok.words])
-    lp = np.log(corpus.mode_probs)[modes] + np.bincount(sent, weights=word_lp[words], minlength=n)
-    return np.where(modes >= 0, lp, -math.inf)
-
+# Theorem 5.5 measured literally: the synthetic corpus knows p, its distribution over sentences
+# (words and closing end-of-text), exactly; the model's q is estimated from samples of p and q.
 
 @torch.no_grad()
-def sentence_logprobs(model, rows, lengths, eot, decoder=None, device='cpu', ctx=nullcontext(), batch_size=500):
-    """log q(row) of each row of tokens (n, L), its first lengths[i] tokens scored from an
-    end-of-text start: sum_t log q(token_t | end-of-text, tokens before t), q the model's next-token
-    distribution, or the decoder's (dict of decoder_logits' arguments) when given."""
+def sentence_logprobs(model, rows, lengths, eot, decoder=None, device='cpu', ctx=nullcontext(),
+                      batch_size=500):
+    """log q(row) for rows (n, L): sum over t < lengths[i] of log q(token_t | end-of-text, tokens
+    before t); q: the model's next-token distribution, or the decoder's (decoder_logits' kwargs)."""
     out = []
     for i in range(0, len(rows), batch_size):
-        y = rows[i:i + batch_size].to(device)                                   # (B, L)
-        x = torch.cat((torch.full_like(y[:, :1], eot), y[:, :-1]), dim=1)       # (B, L): shifted right
+        y = rows[i:i + batch_size].to(device)  # (B, L)
+        x = torch.cat((torch.full_like(y[:, :1], eot), y[:, :-1]), dim=1)  # (B, L): shifted right
         with ctx:
-            logits = model.lm_head(model.hidden(x))                              # (B, L, V)
+            logits = model.lm_head(model.hidden(x))  # (B, L, V)
         logp = F.log_softmax(decoder_logits(logits, **(decoder or {})), dim=-1)
-        picked = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)                   # (B, L)
+        picked = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (B, L): log q(y_t | before t)
         scored = torch.arange(y.size(1), device=device) < lengths[i:i + batch_size, None].to(device)
-        out.append(torch.where(scored, picked, 0.0).sum(1).double().cpu())
+        out.append(torch.where(scored, picked, 0.0).sum(1).double().cpu())  # (B,)
     return torch.cat(out).numpy()
 
 
 @torch.no_grad()
 def split_loss(model, ids, device='cpu', batch_size=500):
-    """Mean next-token loss (nats/token) of a GPT over a whole split cut into consecutive windows of
-    block_size tokens (each window's first token has no context, as a validation batch's)."""
+    """Mean next-token loss (nats/token) of a GPT over a whole split cut into consecutive windows
+    of block_size tokens (each window's first token has no context, as a validation batch's)."""
     T = model.config.block_size
-    ids = torch.as_tensor(np.asarray(ids[:(len(ids) - 1) // T * T + 1], dtype=np.int64))
-    x, y = ids[:-1].view(-1, T).split(batch_size), ids[1:].view(-1, T).split(batch_size)  # (<= batch_size, T) each
-    return sum(model(a.to(device), b.to(device))[1].item() * len(a) for a, b in zip(x, y)) / ((len(ids) - 1) // T)
+    windows = (len(ids) - 1) // T
+    ids = torch.as_tensor(np.asarray(ids[:windows * T + 1], dtype=np.int64))
+    x, y = (t.view(-1, T).split(batch_size) for t in (ids[:-1], ids[1:]))  # (<= batch_size, T)
+    return sum(model(a.to(device), b.to(device))[1].item() * len(a) for a, b in zip(x, y)) / windows
 
 
 def ratio_se(a, b):
     """(mean(a) / mean(b), its standard error by the delta method) over paired samples a, b."""
     r = a.mean() / b.mean()
-    return float(r), float((a - r * b).std(ddof=1) / math.sqrt(len(a)) / b.mean()) if len(a) > 1 else None
+    se = float((a - r * b).std(ddof=1) / math.sqrt(len(a)) / b.mean()) if len(a) > 1 else None
+    return float(r), se
 
 
 def kl_estimates(fwd_log_p, fwd_log_q, fwd_tokens, log_q, log_p, tokens):
-    """Per-token estimates (nats) with standard errors from sentence log-probabilities: fwd_* of n
-    sentences drawn from p, the others of sentences drawn from q (tokens: each one's, end-of-text included).
-    forward_kl = KL(p || q) = mean(log p - log q) / mean tokens, on the sentences from p;
-    off_support = the share of q's sentences with p = 0, q(S) = 1 - off_support the mass of p's support S;
-    reverse_kl = KL(q_S || p), q_S = q restricted to S and renormalised: E_{q|S}[log q - log p] - log q(S),
-    per token of the sentences in S;  model_entropy = -E_q[log q] / E_q[tokens]."""
+    """Theorem 5.5's quantities (nats/token) with standard errors (key + '_se') from sentence
+    log-probs: fwd_* of sentences from p, the rest of n from q (tokens: with end-of-text)."""
+    # forward_kl = KL(p || q) = E_p[log p - log q] / E_p[tokens] (log p: data.true_logprobs)
     forward, forward_se = ratio_se(fwd_log_p - fwd_log_q, fwd_tokens)
+    # off_support: the share of q's sentences off p's support S (p = 0); q(S) = 1 - off_support
     on, n = np.isfinite(log_p), len(log_p)
     q_on = on.mean()
     out = dict(forward_kl=forward, forward_kl_se=forward_se, off_support=float(1 - q_on),
                off_support_se=math.sqrt(q_on * (1 - q_on) / n), reverse_kl=None, reverse_kl_se=None)
+    # model_entropy = -E_q[log q] / E_q[tokens], q's entropy rate
     out['model_entropy'], out['model_entropy_se'] = ratio_se(-log_q, tokens)
-    if on.any():  # log q(S) has variance (1 - q(S)) / (n q(S)) (delta method), added to the ratio's
+    # reverse_kl = KL(q_S || p) = E_{q_S}[log q - log p] - log q(S), q_S: q renormalised on S
+    if on.any():
         per_token, se = ratio_se(log_q[on] - log_p[on], tokens[on])
         out['reverse_kl'] = per_token - math.log(q_on) / tokens[on].mean()
-        if se is not None:
-            out['reverse_kl_se'] = math.sqrt(se ** 2 + (1 - q_on) / (n * q_on) / tokens[on].mean() ** 2)
+        if se is not None:  # plus log q(S)'s variance, (1 - q(S)) / (n q(S)) by the delta method
+            log_qs_var = (1 - q_on) / (n * q_on) / tokens[on].mean() ** 2  # per token
+            out['reverse_kl_se'] = math.sqrt(se ** 2 + log_qs_var)
     return out
 
 
 @torch.no_grad()
-def distribution_metrics(model, tok, corpus, train_ids, val_ids, n=5000, max_tokens=None, decoder=None,
-                         device='cpu', ctx=nullcontext(), seed=0, batch_size=500):
-    """kl_estimates from n sentences drawn from the corpus and n from the model (generated from an end-of-text
-    by the decoder, at most max_tokens: twice the longest template's, within block_size; one left unclosed is
-    off the support), and Theorem 5.5's counts: train_share, the share of the model's sentences found verbatim
-    in the training split, against train_true_mass, p's exact mass on the distinct training sentences (_se 0);
-    excess = their difference. forward_kl scores with the model's own q (a truncating decoder gives p's
-    sentences q = 0), the rest with the decoder's. val_gap = validation loss - entropy_rate, not forward_kl:
-    its windows begin mid-sentence (a higher loss) and after other sentences (context a lone end-of-text
-    lacks). {} unless the corpus is synthetic with its word tokenizer and the model a causal GPT; only
-    distribution_skipped (why) when block_size cannot hold the longest sentence with its end-of-text start."""
+def distribution_metrics(model, tok, corpus, train_ids, val_ids, n=5000, max_tokens=None,
+                         decoder=None, device='cpu', ctx=nullcontext(), seed=0, batch_size=500,
+                         val=True):
+    """Theorem 5.5 on the synthetic corpus, p known exactly: kl_estimates; train_share, the share of
+    the model's n sentences found verbatim in the training split, against train_true_mass, p's exact
+    mass on the distinct training sentences (a perfect model's share; _se 0); excess = their
+    difference, the theorem's excess mass on the empirical support. val_gap = val_split_loss -
+    entropy_rate is not forward_kl: validation windows begin mid-sentence (a higher loss) and after
+    other sentences (context a lone end-of-text lacks; val=False leaves both out). tail_lost: p's
+    mass on the templates none of the model's sentences has (tail_lost_by_chance: what sampling p
+    itself loses, on average). {}, or only distribution_skipped (why), when it cannot run."""
     if corpus is None or tok.name != 'word' or not model.config.causal:
         return {}
     longest, block_size = max(len(t) + 1 for t in corpus.templates), model.config.block_size
     if longest > block_size:
-        return dict(distribution_skipped=f"block_size {block_size} < {longest}, the longest sentence's tokens")
+        why = f"block_size {block_size} < {longest}, the longest sentence's tokens"
+        return dict(distribution_skipped=why)
     was_training, rng, eot = model.training, np.random.default_rng(seed), tok.eot
-    max_tokens = min(max_tokens or 2 * longest, block_size)  # a drawn row and its end-of-text start fit in the window
+    max_tokens = min(max_tokens or 2 * longest, block_size)  # a row and its end-of-text start fit
     model.eval()
+    # n sentences from p, scored by p and the model's own q (a truncating decoder's q could be 0)
     truth = [[tok.index[w] for w in s] + [eot] for s in corpus.sample_sentences(n, rng)]
     fwd_tokens = torch.tensor([len(s) for s in truth])
-    rows = torch.tensor([s + [eot] * (max(map(len, truth)) - len(s)) for s in truth])  # (n, longest)
+    rows = torch.tensor([s + [eot] * (max(map(len, truth)) - len(s)) for s in truth])  # (n, L)
     fwd_log_q = sentence_logprobs(model, rows, fwd_tokens, eot, None, device, ctx, batch_size)
     fwd_log_p = true_logprobs(corpus, tok, *row_sentences(rows, fwd_tokens))
+    # n sentences from q, the decoder's, under their own seed (global RNG untouched), scored by it
     d = {'temperature': 1.0, 'top_p': 1.0, **(decoder or {})}
     d['top_k'] = d.get('top_k') or None  # 0: off, as for sample_texts
-    with torch.random.fork_rng(devices=[torch.device(device)] if str(device).startswith('cuda') else []):
+    drawn, cuda = [], [torch.device(device)] if str(device).startswith('cuda') else []
+    with torch.random.fork_rng(devices=cuda), ctx:
         torch.manual_seed(seed)
-        with ctx:
-            drawn = torch.cat([model.generate(torch.full((min(batch_size, n - i), 1), eot, device=device), max_tokens,
-                                              d['temperature'], d['top_k'], eot, d['top_p'])[:, 1:].cpu()
-                               for i in range(0, n, batch_size)])  # (n, max_tokens), end-of-text after the first
+        for i in range(0, n, batch_size):
+            start = torch.full((min(batch_size, n - i), 1), eot, device=device)  # (B, 1)
+            out = model.generate(start, max_tokens, d['temperature'], d['top_k'], eot, d['top_p'])
+            drawn.append(out[:, 1:].cpu())  # (B, max_tokens): the start dropped
+        drawn = torch.cat(drawn)  # (n, max_tokens), end-of-text after the first
+    # a sentence's tokens: its words and first end-of-text, or all max_tokens if unclosed (p = 0)
     closed = (drawn == eot).any(1)
-    tokens = torch.where(closed, (drawn == eot).int().argmax(1) + 1, max_tokens)  # words + end-of-text, or the cap
+    tokens = torch.where(closed, (drawn == eot).int().argmax(1) + 1, max_tokens)  # (n,)
     log_q = sentence_logprobs(model, drawn, tokens, eot, d, device, ctx, batch_size)
-    val_loss = split_loss(model, val_ids, device, batch_size)
+    val_loss = split_loss(model, val_ids, device, batch_size) if val else None
     model.train(was_training)
     words, sent, _ = row_sentences(drawn, tokens)
     log_p = np.where(closed, true_logprobs(corpus, tok, words, sent, n), -math.inf)
+    kl = kl_estimates(fwd_log_p, fwd_log_q, fwd_tokens.double().numpy(),
+                      log_q, log_p, tokens.double().numpy())
+    # Theorem 5.5's empirical support: the distinct training sentences, each with its exact log p
     train = split_sentences(train_ids, eot)
-    train_lp = dict(zip(sentence_keys(*train), true_logprobs(corpus, tok, *train)))  # distinct sentence -> log p
+    train_lp = dict(zip(sentence_keys(*train), true_logprobs(corpus, tok, *train)))
     in_train = np.array([k in train_lp for k in sentence_keys(words, sent, n)]) & closed.numpy()
     share, mass = float(in_train.mean()), float(np.exp(list(train_lp.values())).sum())
     share_se = math.sqrt(share * (1 - share) / n)
-    return dict(**kl_estimates(fwd_log_p, fwd_log_q, fwd_tokens.double().numpy(), log_q, log_p, tokens.double().numpy()),
-                train_share=share, train_share_se=share_se, train_true_mass=mass, train_true_mass_se=0.0,
-                excess=share - mass, excess_se=share_se, n_distribution_samples=n, val_split_loss=val_loss,
-                val_gap=val_loss - corpus.entropy_rate())
+    modes = template_labels(corpus, tok.words, words, sent, n)[closed.numpy()]
+    p_mode = np.asarray(corpus.mode_probs)
+    out = dict(**kl, train_share=share, train_share_se=share_se, train_true_mass=mass,
+               train_true_mass_se=0.0, excess=share - mass, excess_se=share_se,
+               tail_lost=float(np.delete(p_mode, modes[modes >= 0]).sum()),
+               tail_lost_by_chance=float((p_mode * (1 - p_mode) ** n).sum()),
+               n_distribution_samples=n)
+    if val:
+        out.update(val_split_loss=val_loss, val_gap=val_loss - corpus.entropy_rate())
+    return out
 
 
-# the table's columns: (name, metric, format; '%' = a percentage)
-COLUMNS = [('hf', 'hf_proportion', '%'), ('H_pred', 'predictive_entropy', '.3f'), ('H_sample', 'sample_entropy', '.3f'),
-           ('erank', 'effective_rank', '.1f'), ('modes', 'n_modes', ''), ('m(1-eps)', 'modes_for_mass', ''),
-           ('top1', 'top1_mass', '%'), ('none', 'none_share', '%'), ('dist-2', 'distinct_2', '.3f'),
-           ('rep-4', 'seq_rep_4', '.3f'), ('loops', 'loop_share', '%'), ('len', 'length_mean', '.2f'),
-           ('eot', 'eot_mass', '.3f')]
+# the exact quantities logged at every eval (train.eval_row), each against steps: a trajectory
+EXACT = ('forward_kl', 'reverse_kl', 'off_support', 'model_entropy', 'train_share', 'excess',
+         'tail_lost')
 
 
-def summary(m):
-    """One line for the end of a run: the HF proportion (the corpus's too), the table's columns; and
-    with distribution_metrics' keys a second: Theorem 5.5's estimates, each +- its standard error."""
-    hf, corpus = fmt(m['hf_proportion'], '%'), fmt(m['corpus_hf_proportion'], '%')
-    line = f"metrics: high-frequency words {hf} (corpus {corpus})" + ''.join(
-        f" | {name} {fmt(m.get(k), spec)}" for name, k, spec in COLUMNS[1:])
-    if 'forward_kl' not in m:  # not the synthetic corpus, or a window too short (then why)
-        return line + (f"\ntheorem 5.5: not measured, {m['distribution_skipped']}" if 'distribution_skipped' in m else '')
-    pm = lambda k, spec='.3f': f"{fmt(m[k], spec)}±{fmt(m[k + '_se'], spec)}"  # noqa: E731
-    return (f"{line}\ntheorem 5.5: forward KL {pm('forward_kl')} | reverse KL {pm('reverse_kl')} | off-support "
-            f"{pm('off_support', '%')} | entropy {pm('model_entropy')} (true {m['entropy_rate']:.3f}) | train share "
-            f"{pm('train_share', '%')} (true mass {fmt(m['train_true_mass'], '%')}) | val gap {m['val_gap']:.3f}")
-
-
-def fmt(v, spec):
-    """A number for a table: '-' for None or NaN."""
-    return '-' if v is None or math.isnan(v) else format(v, '.1%' if spec == '%' else spec)
+def exact_metrics(model, data, c, ctx=nullcontext()):
+    """Theorem 5.5's exact quantities now: distribution_metrics on eval_dist_samples, no val loss,
+    the run's decoder and seed (at equal sizes, the end of run's); {} under FSDP (can't sample)."""
+    if c['fsdp']:
+        return {}
+    m = distribution_metrics(model, data.tok, data.corpus, data.train, data.val, ctx=ctx, val=False,
+                             n=c['eval_dist_samples'], device=c['device'], seed=c['seed'],
+                             decoder={k: c[k] for k in ('temperature', 'top_k', 'top_p')})
+    return {k: m[k] for k in EXACT if k in m}

@@ -8,46 +8,20 @@ data, model and first eval are known good: then the first log row claims the fol
 """
 import json
 import os
+import shutil
+import signal
 import socket
+import sys
+import threading
+import time
 from contextlib import contextmanager, suppress
 
-from model import load_checkpoint
 
 RUN_FILES = ('ckpt.pt', 'log.jsonl', 'samples.txt', 'report.json')  # what a run writes into out_dir
 
 
 def checkpoint_path(c):
     return os.path.join(c['out_dir'], 'ckpt.pt')
-
-
-CKPT_KEYS = ('model', 'optimizer', 'config', 'model_args', 'tokenizer', 'iter_num', 'ranks', 'psu', 'baara',
-             'diagnostics', 'latest')  # what save_checkpoint writes and a resumed run reads
-
-
-def resumed_config(config, given, defaults, shape_keys):
-    """--init_from=resume: the config of the checkpoint in out_dir under the keys given now (keys newer
-    than the checkpoint: defaults). A shape key (its model's shape, data or vocabulary) may only
-    repeat the checkpoint's value."""
-    out_dir, path = config['out_dir'], checkpoint_path(config)
-    if not os.path.exists(path) and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
-        raise SystemExit(f"error: nothing to resume: {path!r} does not exist (the run in {out_dir!r} stopped "
-                         f"before its first checkpoint); start it again with --overwrite=True")
-    ckpt = load_checkpoint(path)
-    missing = [key for key in CKPT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
-    if missing or not isinstance(ckpt['config'], dict):
-        raise SystemExit(f"error: {path!r} is not a checkpoint written by train.py (it has no {', '.join(missing or ['config'])})")
-    saved = ckpt['config']
-    for key in shape_keys:
-        if key in given and key in saved and config[key] != saved[key]:
-            raise SystemExit(f"error: {key}={config[key]!r} does not match the checkpoint in {out_dir!r} ({key}="
-                             f"{saved[key]!r}): a resumed run keeps its model shape, data and tokenizer; drop --{key}, "
-                             f"or start a new run in another --out_dir")
-    config = {**defaults, **saved, **{k: config[k] for k in given}, 'out_dir': out_dir, 'init_from': 'resume',
-              'overwrite': config['overwrite']}
-    if config['max_iters'] < ckpt['iter_num']:  # the loop would never meet max_iters
-        raise SystemExit(f"error: max_iters={config['max_iters']} is below the iteration of the checkpoint in "
-                         f"{out_dir!r} ({ckpt['iter_num']}); resume with --max_iters={ckpt['iter_num']} or more")
-    return config
 
 
 @contextmanager
@@ -142,8 +116,9 @@ class RunLog:
     def write(self, row):
         print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
         self.file = self.file or self.open()
-        self.file.write(json.dumps(row) + '\n')
-        self.file.flush()
+        with writing(self.file.name):
+            self.file.write(json.dumps(row) + '\n')
+            self.file.flush()
 
     def open(self):
         path = os.path.join(self.c['out_dir'], 'log.jsonl')
@@ -156,7 +131,9 @@ class RunLog:
         return open(path, 'w')
 
     def close(self):
-        (self.file or self.open()).close()
+        file = self.file or self.open()
+        with writing(file.name):
+            file.close()
 
 
 def logged_before(path, iter_num):
@@ -178,7 +155,109 @@ def logged_before(path, iter_num):
 
 
 def write_atomic(path, text):
-    """Write a file whole or not at all: a kill leaves the old file or the new one, and a *.tmp."""
-    with open(path + '.tmp', 'w') as f:
-        f.write(text)
-    os.replace(path + '.tmp', path)
+    """Write a file whole or not at all: the old file stays until the new one is complete (a kill
+    leaves a *.tmp, which the next run removes; a failed write removes it)."""
+    with writing(path, path + '.tmp'):
+        with open(path + '.tmp', 'w') as f:
+            f.write(text)
+        os.replace(path + '.tmp', path)
+
+
+@contextmanager
+def writing(path, tmp=None):
+    """A failed write of `path` (a full disk, a quota, any OSError; torch.save's RuntimeError
+    around one) is one line naming the file, the error and the free space of its file system;
+    `tmp`, the partial file, is removed, so that the file written before stays as it was."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if tmp is not None:
+            with suppress(OSError):
+                os.remove(tmp)
+        why = e.strerror if isinstance(e, OSError) else f"torch.save failed, {str(e).strip().splitlines()[0]}"
+        raise SystemExit(f"error: cannot write {path!r}: {why} ({free_space(path)} free on its "
+                         f"file system)")
+
+
+def free_space(path):
+    try:
+        return f"{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 1e6:.1f} MB"
+    except OSError:
+        return 'unknown space'
+
+
+def stop_nonfinite(iter_num, c):
+    raise SystemExit(f"error: the loss became NaN or infinite by iter {iter_num}; stopped, and the last "
+                     f"good checkpoint in {c['out_dir']!r} is untouched")
+
+
+# -----------------------------------------------------------------------------
+# stops a user or a cluster causes: Ctrl-C (SIGINT) and preemption (SIGTERM)
+
+class Interrupted(Exception):
+    """A stop at once: a second signal, or one during the end-of-run samples."""
+
+
+class Stop:
+    """Holds SIGINT (Ctrl-C) and SIGTERM (SLURM's and Kubernetes' preemption; torchrun forwards
+    it to every worker) while the run is inside `with Stop() as stop`. The first signal only asks
+    the loop to stop: it finishes its step, saves a checkpoint and exits 128 + the signal (130,
+    143) with one line saying how to resume. A second signal a second or more later stops at once
+    (Interrupted: the last checkpoint kept); within a second it is the first one forwarded again
+    (torchrun passes on the Ctrl-C the terminal already sent every worker). In the end phase
+    (the samples and the report) the first signal stops at once."""
+
+    def __init__(self, c, world):
+        self.c, self.world = c, world
+        self.signum, self.at, self.phase, self.previous = 0, 0.0, 'train', {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals reach it alone
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        now = time.monotonic()
+        if not self.signum:
+            self.signum, self.at = signum, now
+        if self.phase == 'end' or now - self.at >= 1.0:
+            raise Interrupted()
+
+    def agreed(self):
+        """The signal any rank received (0: none), the same on every rank: a small CPU collective
+        under torchrun, so that every rank stops at the same iteration."""
+        import distributed
+        return distributed.max_over_ranks(self.signum)
+
+    def end_phase(self):
+        """From here a signal stops at once; one that came during the last step stops now."""
+        self.phase = 'end'
+        if self.signum:
+            raise Interrupted()
+
+    def exit(self, iter_num, master):
+        """After the stopped run saved its checkpoint at iter_num: the one line, the exit status."""
+        import distributed
+        distributed.teardown()
+        if master:
+            launch = (f"torchrun --nproc_per_node={self.world} train.py" if self.world > 1
+                      else "python train.py")
+            print(f"stopped by {signal.Signals(self.signum).name} at iter {iter_num}: checkpoint "
+                  f"saved in {self.c['out_dir']!r}; resume with: {launch} --init_from=resume "
+                  f"--out_dir={self.c['out_dir']}", file=sys.stderr)
+        raise SystemExit(128 + self.signum)
+
+    def __exit__(self, kind, error, traceback):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if kind is not Interrupted:
+            return False
+        name, kept = signal.Signals(self.signum).name, os.path.join(self.c['out_dir'], 'ckpt.pt')
+        kept = f"the last checkpoint ({kept}) is kept" if os.path.exists(kept) else "no checkpoint yet"
+        if self.phase == 'end':
+            print(f"stopped by {name} during the end-of-run samples: {kept}; report.json was not "
+                  f"written (python sample.py --metrics=True --out_dir={self.c['out_dir']} writes "
+                  f"the metrics)", file=sys.stderr)
+        else:
+            print(f"stopped at once by a second {name}: {kept}", file=sys.stderr)
+        raise SystemExit(128 + self.signum)

@@ -4,6 +4,8 @@
     python tables.py --fig3 RUN_DIR... [--out=fig3.png] [--bins=12]  # Fig. 3, loss-entropy density
     python tables.py --theorem55 RUN_DIR...     # Thm 5.5: exact KLs, mass on the empirical support
     python tables.py --map RUN_DIR... [--out=stability_map.png]  # Def. 3.1 stability vs quality
+    python tables.py --readings RUN_DIR...      # PSU's readings x lambda, with the exact metrics
+    python tables.py --trajectory RUN_DIR... [--out=trajectory.png]  # exact metrics over training
     python tables.py --corpus=FILE --text=FILE [--fraction=0.25]     # HF proportion of any text
 
 A row is a setting at a seed: runs that differ in any setting but lambda (not in out_dir, device,
@@ -22,7 +24,34 @@ from data import count_words as word_counts, read_text
 if __name__ == '__main__':  # before metrics.py imports torch, so that --help answers at once
     exit_if_help(sys.argv[1:], __doc__)
 
-from metrics import COLUMNS, fmt, high_frequency_proportion, high_frequency_set, words
+from metrics import high_frequency_proportion, high_frequency_set, words
+
+
+# the table's columns: (name, metric, format; '%' = a percentage)
+COLUMNS = [('hf', 'hf_proportion', '%'), ('H_pred', 'predictive_entropy', '.3f'), ('H_sample', 'sample_entropy', '.3f'),
+           ('erank', 'effective_rank', '.1f'), ('modes', 'n_modes', ''), ('m(1-eps)', 'modes_for_mass', ''),
+           ('top1', 'top1_mass', '%'), ('none', 'none_share', '%'), ('dist-2', 'distinct_2', '.3f'),
+           ('rep-4', 'seq_rep_4', '.3f'), ('loops', 'loop_share', '%'), ('len', 'length_mean', '.2f'),
+           ('eot', 'eot_mass', '.3f')]
+
+
+def summary(m):
+    """One line for the end of a run: the HF proportion (the corpus's too), the table's columns; and
+    with distribution_metrics' keys a second: Theorem 5.5's estimates, each +- its standard error."""
+    hf, corpus = fmt(m['hf_proportion'], '%'), fmt(m['corpus_hf_proportion'], '%')
+    line = f"metrics: high-frequency words {hf} (corpus {corpus})" + ''.join(
+        f" | {name} {fmt(m.get(k), spec)}" for name, k, spec in COLUMNS[1:])
+    if 'forward_kl' not in m:  # not the synthetic corpus, or a window too short (then why)
+        return line + (f"\ntheorem 5.5: not measured, {m['distribution_skipped']}" if 'distribution_skipped' in m else '')
+    pm = lambda k, spec='.3f': f"{fmt(m[k], spec)}±{fmt(m[k + '_se'], spec)}"  # noqa: E731
+    return (f"{line}\ntheorem 5.5: forward KL {pm('forward_kl')} | reverse KL {pm('reverse_kl')} | off-support "
+            f"{pm('off_support', '%')} | entropy {pm('model_entropy')} (true {m['entropy_rate']:.3f}) | train share "
+            f"{pm('train_share', '%')} (true mass {fmt(m['train_true_mass'], '%')}) | val gap {m['val_gap']:.3f}")
+
+
+def fmt(v, spec):
+    """A number for a table: '-' for None or NaN."""
+    return '-' if v is None or math.isnan(v) else format(v, '.1%' if spec == '%' else spec)
 
 
 PAPER_LAMBDAS = (0.0, 0.05, 0.2)  # PAPER: Table 6.2's high-frequency word proportion (%) at these
@@ -266,11 +295,99 @@ def mean_ranks(v):
     return (np.cumsum(counts) - counts + (counts - 1) / 2)[which]
 
 
+# -----------------------------------------------------------------------------
+# the readings of the paper's feedback system side by side, and the exact metrics over training
+
+READING_COLUMNS = [('hf', 'hf_proportion', '%'), ('fwd_KL', 'forward_kl', '.3f'),
+                   ('off-supp', 'off_support', '%'), ('excess', 'excess', '%'),
+                   ('H-H*', 'entropy_gap', '.3f'), ('tail_lost', 'tail_lost', '%')]
+
+
+def decoder_name(c):
+    """'t=1', 't=0.7', 'top-k 10', 't=0.7 top-k 10 top-p 0.9': the run's decoder, briefly."""
+    parts = [f"t={c.get('temperature', 1.0):g}"] if c.get('temperature', 1.0) != 1.0 else []
+    parts += [f"top-k {c['top_k']}"] if c.get('top_k') else []
+    parts += [f"top-p {c['top_p']:g}"] if c.get('top_p', 1.0) < 1 else []
+    return ' '.join(parts) or 't=1'
+
+
+def reading_rows(run_dirs):
+    """{(data, model, reading): {lambda: [(metrics, verdict), one per seed]}}: a reading is PSU's
+    channel (data: with the decoder that writes the fed-back text); lambda 0 is no PSU, shown with
+    the decoder of its end-of-run metrics."""
+    table = {}
+    for d in run_dirs:
+        c, m, stability, _ = read_report(d)
+        lam = float(c.get('psu_lambda', 0.0))
+        reading = c.get('psu_channels', 'both') if lam > 0 else '-'
+        if lam == 0 or 'data' in reading:
+            reading += f" ({decoder_name(c)})"
+        if m.get('model_entropy') is not None:
+            m = {**m, 'entropy_gap': m['model_entropy'] - m['entropy_rate']}
+        key = (os.path.basename(c.get('data', '?')) or c.get('data'), c.get('model', '?'), reading)
+        table.setdefault(key, {}).setdefault(lam, []).append((m, stability.get('verdict', '-')))
+    return table
+
+
+def print_readings(table):
+    """Every reading x lambda: the high-frequency share (ours / the paper's 1B model's, GPT-2's mean
+    over its three seeds) and Theorem 5.5's exact quantities, each the mean +- std over seeds."""
+    paper = {model: {lam: np.mean([v[i] for k, v in PAPER.items() if k[0] == model and k[2] == '1B'])
+                     / 100 for i, lam in enumerate(PAPER_LAMBDAS)} for model in ('gpt', 'bert')}
+    print("PSU's readings x lambda: mean +- std over the seeds (n); excess = train share - its true "
+          "mass; H-H* = model entropy - true rate (nats/token); lambda > 0.2: beyond the paper")
+    head = ['lambda', 'n', 'hf paper'] + [name for name, _, _ in READING_COLUMNS] + ['stable']
+    width = max(len(' '.join(k)) for k in table) + 2
+    print_row('data model reading', head, width, 14)
+    for key in sorted(table):
+        for lam in sorted(table[key]):
+            runs = table[key][lam]
+            cols = [f'{lam:g}', len(runs), fmt(paper.get(key[1], {}).get(lam), '%')]
+            for _, k, spec in READING_COLUMNS:
+                v = np.array([m[k] for m, _ in runs if m.get(k) is not None], dtype=np.float64)
+                sd = f"+-{fmt(v.std(ddof=1), spec)}" if len(v) > 1 else ''
+                cols.append(fmt(v.mean(), spec) + sd if len(v) else '-')
+            cols.append(f"{sum(v == 'stable' for _, v in runs)}/{len(runs)}")
+            print_row(' '.join(key), cols, width, 14)
+
+
+def trajectory(run_dirs, out='trajectory.png'):
+    """Theorem 5.5's exact metrics at every eval (log.jsonl) against the step: one panel per metric,
+    one line per run (PNG); without matplotlib a text table per metric."""
+    from metrics import EXACT
+    runs = [(os.path.basename(os.path.normpath(d)), [r for r in read_log(d) if 'forward_kl' in r])
+            for d in run_dirs]
+    runs = [(name, rows) for name, rows in runs if rows]
+    if not runs:
+        raise SystemExit("error: no run among these logged exact metrics (a synthetic GPT run with "
+                         "eval_dist_samples > 0)")
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("exact metrics over training (matplotlib not installed, text):")
+        for k in EXACT:
+            print(f"{k}:")
+            for name, rows in runs:
+                print_row(name, [f"{r['iter']}:{fmt(r.get(k), '.3f')}" for r in rows], 40, 12)
+        return
+    axes = Figure(figsize=(13, 7), layout='constrained').subplots(2, 4).ravel()
+    for ax, k in zip(axes, EXACT):
+        for name, rows in runs:
+            ax.plot([r['iter'] for r in rows], [r.get(k) for r in rows], label=name, marker='.')
+        ax.set(title=k, xlabel='step')
+    axes[-1].axis('off')
+    axes[-1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc='center')
+    axes[0].figure.suptitle("Theorem 5.5's exact metrics over training (eval_dist_samples "
+                            "sentences at each eval)")
+    axes[0].figure.savefig(out, dpi=110, bbox_inches='tight')
+    print(f"trajectory: {len(runs)} runs -> {out}")
+
+
 # the options that take a value, with configurator.py's rules (bins per axis: a histogram of bins^2 counts), and
 # the mode each option is read in: an option given without its mode is refused, not silently ignored
 OPTIONS, RULES = dict(fraction=0.25, bins=12), dict(fraction='(0, 1]', bins='[1, 1000]')
-READ_WITH = dict(out=('fig3', 'map'), bins=('fig3',), fraction=('corpus', 'text'))
-MODES = ('fig3', 'theorem55', 'map')  # switches: --fig3, not --fig3=VALUE
+READ_WITH = dict(out=('fig3', 'map', 'trajectory'), bins=('fig3',), fraction=('corpus', 'text'))
+MODES = ('fig3', 'theorem55', 'map', 'readings', 'trajectory')  # switches: --fig3, not --fig3=VALUE
 
 
 def main(argv):
@@ -290,7 +407,8 @@ def main(argv):
     fraction, bins = c['fraction'], c['bins']
     several = sum(k in flags for k in MODES) + text > 1  # one mode at a time, not the first of them silently
     if several or ((dirs or not flags.get('corpus') or not flags.get('text')) if text else not dirs):
-        raise SystemExit("error: usage: python tables.py [--fig3 | --theorem55 | --map] RUN_DIR... | "
+        raise SystemExit("error: usage: python tables.py [--fig3 | --theorem55 | --map | --readings | "
+                         "--trajectory] RUN_DIR... | "
                          "--corpus=FILE --text=FILE (--help: more)")
     if missing := [d for d in dirs if not os.path.isdir(d)]:
         why = 'is not a folder' if os.path.exists(missing[0]) else 'does not exist'
@@ -307,6 +425,10 @@ def main(argv):
         print_theorem55(theorem_rows(dirs))
     elif 'map' in flags:
         stability_map(theorem_rows(dirs), flags.get('out') or 'stability_map.png')
+    elif 'readings' in flags:
+        print_readings(reading_rows(dirs))
+    elif 'trajectory' in flags:
+        trajectory(dirs, flags.get('out') or 'trajectory.png')
     else:
         print_table(*collect_rows(dirs))
 

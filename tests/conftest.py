@@ -21,7 +21,8 @@ torch.set_num_threads(1)
 # takes a few seconds. A flag given after these wins (train.py reads them in order).
 TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=8', '--eval_iters=2',
         '--num_samples=4', '--sample_tokens=16', '--dist_samples=50', '--log_interval=1', '--warmup_iters=5', '--lr_decay_iters=40',
-        '--learning_rate=3e-3', '--device=cpu', '--dtype=float32', '--compile=False']
+        '--learning_rate=3e-3', '--device=cpu', '--dtype=float32', '--compile=False',
+        '--eval_dist_samples=0']  # exact metrics at each eval: tests/test_feedback.py
 
 needs_compiler = pytest.mark.skipif(shutil.which('g++') is None,
                                     reason="torch.compile on the CPU needs a C++ compiler")
@@ -61,3 +62,21 @@ def torchrun(nproc, *args, script='train.py'):
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r.stdout
+
+
+def count_params(config):
+    """A GPT's parameter count without allocating: the model is built on the meta device."""
+    from model import GPT
+    with torch.device('meta'):
+        return GPT(config).get_num_params()
+
+
+@pytest.fixture(scope='module')
+def cached_data():
+    """data.load_data cached for a module's tests (pytestmark = usefixtures('cached_data')): tests
+    about run folders, signals or files, not data, build the synthetic corpus once."""
+    import functools
+    import data
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, 'load_data', functools.lru_cache(data.load_data))
+        yield

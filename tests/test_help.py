@@ -58,13 +58,14 @@ def test_tables_refuses_what_it_would_ignore_in_one_line(tmp_path):
     run.mkdir()
     text.write_text('the cat\n')
     os.mkfifo(tmp_path / 'fifo')
-    usage = "error: usage: python tables.py [--fig3 | --theorem55 | --map] RUN_DIR... | --corpus=FILE --text=FILE (--help: more)"
+    usage = ("error: usage: python tables.py [--fig3 | --theorem55 | --map | --readings | --trajectory] RUN_DIR... | "
+             "--corpus=FILE --text=FILE (--help: more)")
     for argv, line in [
             (['--fraction=0', f'--corpus={text}', f'--text={text}'], 'error: fraction=0.0 is not a float in (0, 1]'),
             (['--fig3', '--bins=0', str(run)], 'error: bins=0 is not an int in [1, 1000]'),
             (['--fig3=banana', str(run)], "error: --fig3 takes no value, not 'banana': python tables.py --fig3 RUN_DIR..."),
-            (['--out=x.png', str(run)], 'error: --out is read only with --fig3 or --map'),
-            (['--out=x.png', f'--corpus={text}', f'--text={text}'], 'error: --out is read only with --fig3 or --map'),
+            (['--out=x.png', str(run)], 'error: --out is read only with --fig3 or --map or --trajectory'),
+            (['--out=x.png', f'--corpus={text}', f'--text={text}'], 'error: --out is read only with --fig3 or --map or --trajectory'),
             (['--bins=3', '--map', str(run)], 'error: --bins is read only with --fig3'),
             (['--fig3', '--map', str(run)], usage),
             ([str(text)], f"error: run folder {str(text)!r} is not a folder"),

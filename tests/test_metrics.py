@@ -28,7 +28,7 @@ def corpus():
 def test_words_and_fast_tokenizer_agree():
     assert metrics.words("Don't STOP, me-now!") == ["don't", 'stop', 'me', 'now']
     assert metrics.word_counts(MESSY) == Counter(metrics.words(MESSY))
-    vocab, ids = metrics.tokenize([MESSY, 'A b', ''])
+    vocab, ids = data.tokenize([MESSY, 'A b', ''])
     toks = [vocab[i] for i in ids]
     assert [t for t in toks if t not in ('\x01', '\x02')] == metrics.words(MESSY) + ['a', 'b']
     assert toks.count('\x02') == 3 and toks.count('\x01') == MESSY.count('\n')
@@ -52,39 +52,42 @@ def test_high_frequency_set_is_minimal_and_covers(corpus):
 
 def test_entropy_eot_mass_and_effective_rank():
     V = 50
-    assert metrics.predictive_entropy(torch.zeros(2, 3, V)).item() == pytest.approx(math.log(V))
+    # float32 against float64: log's <= 1 ulp (2 eps32, eps32 = 2^-24 float32's unit roundoff), then sums of equal terms
+    assert metrics.predictive_entropy(torch.zeros(2, 3, V)).item() == pytest.approx(math.log(V), rel=8 * 2 ** -24)  # + 6 rows: <= 8 eps32
     peaked = torch.full((4, V), -1e4)
     peaked[:, 7] = 0
-    assert metrics.predictive_entropy(peaked).item() == pytest.approx(0, abs=1e-6)
+    assert metrics.predictive_entropy(peaked).item() == 0.0  # exp(-1e4) is 0 in float32, log 1 = 0: exact
     mask = torch.tensor([True, False, False, False])
     mixed = torch.cat([torch.zeros(1, V), peaked[1:]])
-    assert metrics.predictive_entropy(mixed, mask).item() == pytest.approx(math.log(V))
+    assert metrics.predictive_entropy(mixed, mask).item() == pytest.approx(math.log(V), rel=2 * 2 ** -24)  # log 50 alone
     assert math.isnan(metrics.predictive_entropy(mixed, torch.zeros(4, dtype=torch.bool)).item())  # no position
     ruled_out = torch.zeros(2, V)
     ruled_out[:, V // 2:] = -math.inf  # a decoder's top-k: half the vocabulary, p = 0
-    assert metrics.predictive_entropy(ruled_out).item() == pytest.approx(math.log(V // 2))
-    assert metrics.eot_mass(torch.zeros(3, V), 4) == pytest.approx(1 / V)
-    assert metrics.eot_mass(peaked, 7) == pytest.approx(1.0)
-    assert metrics.text_metrics(['a b', 'c d'], set())['sample_entropy'] == pytest.approx(math.log(4))
+    assert metrics.predictive_entropy(ruled_out).item() == pytest.approx(math.log(V // 2), rel=2 * 2 ** -24)  # log 25 (2 rows: exact)
+    assert metrics.eot_mass(torch.zeros(3, V), 4) == pytest.approx(1 / V, rel=4 * 2 ** -24)  # 1 / 50, a mean of 3: <= 4 eps32
+    assert metrics.eot_mass(peaked, 7) == 1.0  # exp(0) / (1 + 0): exact
+    assert metrics.text_metrics(['a b', 'c d'], set())['sample_entropy'] == pytest.approx(math.log(4), rel=1e-12)  # fp64: ~1e-16
     assert metrics.text_metrics(['a ' * 9], set())['sample_entropy'] == 0
     q, _ = torch.linalg.qr(torch.randn(16, 5, dtype=torch.float64))
-    assert metrics.effective_rank(q.T) == pytest.approx(5, rel=1e-9)  # 5 orthonormal vectors
-    assert metrics.effective_rank(torch.randn(40, 1) * torch.randn(1, 16)) == pytest.approx(1, rel=1e-9)
+    assert metrics.effective_rank(q.T) == pytest.approx(5, rel=1e-12)  # 5 orthonormal vectors (fp64 QR, SVD: 1 +- ~1e-15)
+    # float32's rounding leaves singular values <= eps32 s_max, 80x under the rank tolerance: one value, exp(0) = 1 exactly
+    assert metrics.effective_rank(torch.randn(40, 1) * torch.randn(1, 16)) == 1.0
     assert 1 < metrics.effective_rank(torch.randn(2, 100, 16)) <= 16
 
 
 def test_distinct_and_seq_rep():
-    assert metrics.distinct_n([['a', 'b', 'c'], ['a', 'b', 'd']], 1) == pytest.approx(4 / 6)
-    assert metrics.distinct_n([['a', 'b', 'c'], ['a', 'b', 'd']], 2) == pytest.approx(3 / 4)
+    # counts over counts: each side one float64 division (and 1 - x, a mean of x and 0) of the same integers, exact
+    assert metrics.distinct_n([['a', 'b', 'c'], ['a', 'b', 'd']], 1) == 4 / 6
+    assert metrics.distinct_n([['a', 'b', 'c'], ['a', 'b', 'd']], 2) == 3 / 4
     assert metrics.distinct_n([['a', 'b'], ['b', 'c']], 2) == 1.0  # no n-gram across sequences
     loop = [0, 1, 2] * 10  # period 3, 30 tokens: 27 4-grams, 3 unique -> 1 - 3/27
-    assert metrics.seq_rep_n([loop], 4) == pytest.approx(1 - 3 / 27)
-    assert metrics.seq_rep_n([[5] * 50], 4) == pytest.approx(1 - 1 / 47)
+    assert metrics.seq_rep_n([loop], 4) == 1 - 3 / 27
+    assert metrics.seq_rep_n([[5] * 50], 4) == 1 - 1 / 47
     assert metrics.seq_rep_n([list(range(30))], 4) == 0
-    assert metrics.seq_rep_n([loop, list(range(30)), [1, 2]], 4) == pytest.approx((1 - 3 / 27) / 2)
+    assert metrics.seq_rep_n([loop, list(range(30)), [1, 2]], 4) == (1 - 3 / 27) / 2
     big = list(range(70_000))  # 70000**4 > 2**63: the hashed n-gram codes
-    assert metrics.distinct_n([big, big[:10] * 2], 4) == pytest.approx((69_997 + 3) / (69_997 + 17))  # 3 new: 7890 8901 9012
-    assert metrics.seq_rep_n([big[:10] * 2], 4) == pytest.approx(1 - 10 / 17)
+    assert metrics.distinct_n([big, big[:10] * 2], 4) == (69_997 + 3) / (69_997 + 17)  # 3 new: 7890 8901 9012
+    assert metrics.seq_rep_n([big[:10] * 2], 4) == 1 - 10 / 17
 
 
 def test_loop_share():
@@ -98,12 +101,12 @@ def test_loop_share():
 
 def test_lengths_and_sentences():
     m = metrics.text_metrics(["a b c\nd e\nf", "a b c d", "\nx y\n"], {'a'})
-    assert m['terminated'] == pytest.approx(2 / 3)
+    assert m['terminated'] == 2 / 3  # counts over counts: one float64 division each side, exact
     assert m['length_mean'] == 1.5 and m['length_hist'] == {'0': 1, '3': 1}
-    assert m['sentence_length_mean'] == pytest.approx((3 + 2 + 0 + 2) / 4)
+    assert m['sentence_length_mean'] == (3 + 2 + 0 + 2) / 4
     bert = metrics.text_metrics(["a b c\nd e\nf", "\nx y\n"], {'a'}, drop_first=True)
     assert bert['sentence_length_mean'] == 2
-    assert m['hf_proportion'] == pytest.approx(2 / 12)
+    assert m['hf_proportion'] == 2 / 12
 
 
 def test_template_labels_equal_mode_of(corpus):
@@ -114,10 +117,10 @@ def test_template_labels_equal_mode_of(corpus):
     first = min(corpus.slot_of.values())  # its words -> a non-word, in place: in no mode
     sents += [['zzz' if corpus.slot_of[w] == first else w for w in s] for s in sents[140:200]
               if first in map(corpus.slot_of.get, s)]
-    vocab, ids = metrics.tokenize([''.join(' '.join(s) + '\n' for s in sents) + 'unfinished'])
-    sent, complete = metrics.sentences(ids)
-    word = ids > metrics.SEP
-    labels = metrics.template_labels(corpus, vocab, ids[word], sent[word], len(complete))[complete]
+    vocab, ids = data.tokenize([''.join(' '.join(s) + '\n' for s in sents) + 'unfinished'])
+    sent, complete = data.sentences(ids)
+    word = ids > data.SEP
+    labels = data.template_labels(corpus, vocab, ids[word], sent[word], len(complete))[complete]
     expected = [corpus.mode_of(s) for s in sents]
     assert labels.tolist() == [-1 if e is None else e for e in expected]
     assert sum(e is None for e in expected) > 50
@@ -131,7 +134,8 @@ def test_true_sampler_keeps_all_modes_constant_sampler_one(corpus):
     m = metrics.text_metrics(texts, hf, corpus)
     assert m['n_labels'] == 6000 and m['none_share'] == 0
     assert m['n_modes'] >= 0.95 * len(corpus.templates)
-    assert m['top1_mass'] == pytest.approx(corpus.mode_probs[0], abs=0.03)
+    assert m['top1_mass'] == pytest.approx(corpus.mode_probs[0], abs=0.03)  # a share of 6000: se 0.0056, 0.03 = 5.4 se (~1e-7)
+    # the 95% point of 6000 draws: se sqrt(.95 * .05 / 6000) = 0.0028 of mass, ~0.8 of a mode's 0.0035 there: 3 modes ~ 3.7 se (~2e-4)
     assert abs(m['modes_for_mass'] - metrics.smallest_set(corpus.mode_probs, 0.05)) <= 3
     assert m['loop_share'] == 0 and m['seq_rep_4'] < 0.1
     same = ' '.join(sents[0]) + '\n'
@@ -140,14 +144,14 @@ def test_true_sampler_keeps_all_modes_constant_sampler_one(corpus):
     assert c['loop_share'] == 1.0 and c['distinct_1'] < 0.01
     labels = [corpus.mode_of(s) for s in sents]
     assert metrics.mode_concentration(labels)['n_modes'] == m['n_modes']
-    assert metrics.mode_concentration(['x'] * 9 + [None])['none_share'] == pytest.approx(0.1)
+    assert metrics.mode_concentration(['x'] * 9 + [None])['none_share'] == 1 / 10  # exact: 0.1 is 1 / 10 rounded once
     w = metrics.text_metrics(['b a a a a'] * 3, hf)  # on other text the modes are words
     assert (w['modes_kind'], w['n_modes'], w['top1_mass'], w['modes_for_mass']) == ('words', 2, 0.8, 2)
 
 
 def test_cross_seed():
     stats = tables.cross_seed([{'a': 1.0, 'b': 2, 's': 'x'}, {'a': 3.0, 'b': 2, 's': 'y'}])
-    assert stats == {'a': (2.0, pytest.approx(math.sqrt(2))), 'b': (2.0, 0.0)}
+    assert stats == {'a': (2.0, math.sqrt(2)), 'b': (2.0, 0.0)}  # std of [1, 3]: sqrt(2 / 1), correctly rounded: exact
 
 
 @pytest.mark.parametrize('causal', [True, False])
@@ -159,12 +163,13 @@ def test_evaluate_on_a_tiny_model(corpus, causal):
                           causal=causal))
     texts = [text[:200], text[200:400]]
     m = metrics.evaluate(model, tok, text, corpus, texts, ids, batch_size=4, n_batches=2)
-    assert abs(m['predictive_entropy'] - math.log(model.config.vocab_size)) < 0.1  # an untrained model is ~uniform
+    # an untrained model is ~uniform: logits of variance n_embd 0.02^2 = 0.0064 put H at log V - 0.003; 0.1 is 30x that
+    assert abs(m['predictive_entropy'] - math.log(model.config.vocab_size)) < 0.1
     assert 1 <= m['effective_rank'] <= 16 and 0 < m['eot_mass'] < 0.1
     assert 0.25 <= m['corpus_hf_proportion'] < 0.5 and m['n_modes_total'] == 64
     assert m['corpus']['n_samples'] == 2 and m['corpus']['none_share'] == 0  # pieces start at a sentence
     json.dumps(m)
-    line = metrics.summary(m)  # the proportions as percentages, then each table column
+    line = tables.summary(m)  # the proportions as percentages, then each table column
     assert line.startswith(f"metrics: high-frequency words {100 * m['hf_proportion']:.1f}% "
                            f"(corpus {100 * m['corpus_hf_proportion']:.1f}%) | H_pred {m['predictive_entropy']:.3f} | ")
     length = '-' if m['length_mean'] is None else f"{m['length_mean']:.2f}"
@@ -220,7 +225,7 @@ def test_cli_table_on_run_folders(tmp_path, capsys):
     assert report['stability'] == {'verdict': 'undetermined', 'reason': '3 evals, need 4'}  # iters 0, 4, 8
     ours = report['metrics']['hf_proportion']
     assert 0 < ours < 1 and report['metrics']['n_samples'] == 8
-    assert metrics.summary(report['metrics']) in capsys.readouterr().out  # train.py's last words
+    assert tables.summary(report['metrics']) in capsys.readouterr().out  # train.py's last words
     write_run(str(tmp_path / 'a'), 2026, 0.0, 0.2345)
     write_run(str(tmp_path / 'b'), 2027, 0.0, 0.3)
     write_run(str(tmp_path / 'c'), 2026, 0.05, 0.5, channels='stats')
@@ -345,7 +350,7 @@ def test_theorem55_other_names_a_runs_unusual_settings_and_ties_share_a_rank(tmp
     tables.main(['--theorem55', str(tmp_path / 'c'), str(tmp_path / 'a')])  # a tie: the first run's value is usual
     assert [line.split()[-1] for line in capsys.readouterr().out.splitlines()[2:]] == ['stable', 'grad_clip=1.0']
     x, y = np.array([0.0, 0.0, 1.0, 1.0]), np.array([1.0, 0.0, 2.0, 3.0])
-    assert tables.spearman(x, y) == pytest.approx(np.corrcoef([0.5, 0.5, 2.5, 2.5], [1, 0, 2, 3])[0, 1])
+    assert tables.spearman(x, y) == np.corrcoef([0.5, 0.5, 2.5, 2.5], [1, 0, 2, 3])[0, 1]  # the same ranks, the same corrcoef
     assert tables.spearman(x[::-1], y[::-1]) == tables.spearman(x, y)
 
 
@@ -356,14 +361,15 @@ def test_kl_estimates_by_hand():
     out = metrics.kl_estimates(np.array([-2.0, -4.0]), np.array([-3.0, -4.5]), np.array([3.0, 5.0]),
                                np.array([-1.0, -2.0, -3.0, -6.0]), np.array([-2.0, -2.5, -math.inf, -5.0]),
                                np.array([2.0, 3.0, 4.0, 5.0]))
-    assert out['forward_kl'] == pytest.approx((1.0 + 0.5) / 2 / 4)  # mean(log p - log q) / mean tokens
+    # float64 on both sides, a few roundings in other orders (~1e-16): rel 1e-12
+    assert out['forward_kl'] == pytest.approx((1.0 + 0.5) / 2 / 4, rel=1e-12)  # mean(log p - log q) / mean tokens
     assert out['off_support'] == 0.25
     # E_{q|S}[log q - log p] = (1 + 0.5 - 1) / 3, log q(S) = log 0.75, per token of S: mean 10 / 3
-    assert out['reverse_kl'] == pytest.approx(((1 + 0.5 - 1) / 3 - math.log(0.75)) / (10 / 3))
-    assert out['model_entropy'] == pytest.approx(12 / 14)
-    assert out['off_support_se'] == pytest.approx(math.sqrt(0.25 * 0.75 / 4))
+    assert out['reverse_kl'] == pytest.approx(((1 + 0.5 - 1) / 3 - math.log(0.75)) / (10 / 3), rel=1e-12)
+    assert out['model_entropy'] == pytest.approx(12 / 14, rel=1e-12)
+    assert out['off_support_se'] == pytest.approx(math.sqrt(0.25 * 0.75 / 4), rel=1e-12)
     r = 1.5 / 8  # forward's ratio, and its delta-method standard error
-    assert out['forward_kl_se'] == pytest.approx(np.std([1 - r * 3, 0.5 - r * 5], ddof=1) / math.sqrt(2) / 4)
+    assert out['forward_kl_se'] == pytest.approx(np.std([1 - r * 3, 0.5 - r * 5], ddof=1) / math.sqrt(2) / 4, rel=1e-12)
 
 
 def test_true_logprobs_of_true_sentences_are_finite_and_exact(corpus):
@@ -371,10 +377,10 @@ def test_true_logprobs_of_true_sentences_are_finite_and_exact(corpus):
     tok = data.WordTokenizer(corpus.words)
     sents = corpus.sample_sentences(300, np.random.default_rng(0))
     ids = [i for s in sents for i in [tok.index[w] for w in s] + [tok.eot]]
-    lp = metrics.true_logprobs(corpus, tok, *data.split_sentences(ids, tok.eot))
+    lp = data.true_logprobs(corpus, tok, *data.split_sentences(ids, tok.eot))
     assert len(lp) == 300 and np.isfinite(lp).all()
-    assert lp == pytest.approx([corpus.sentence_logprob(s) for s in sents], abs=1e-9)
-    assert metrics.true_logprobs(corpus, tok, *data.split_sentences([0, 0, 0, 0, tok.eot], tok.eot))[0] == -math.inf
+    assert lp == pytest.approx([corpus.sentence_logprob(s) for s in sents], abs=1e-12)  # fp64, <= 9 terms |.| < 26: 2.5e-14
+    assert data.true_logprobs(corpus, tok, *data.split_sentences([0, 0, 0, 0, tok.eot], tok.eot))[0] == -math.inf
 
 
 @pytest.fixture(scope='module')
@@ -404,7 +410,7 @@ def test_distribution_metrics_say_why_a_short_window_cannot_score_a_sentence(sma
     short = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=longest - 1, vocab_size=d.tok.vocab_size))
     out = metrics.distribution_metrics(short, d.tok, d.corpus, d.train, d.val, n=4)
     assert out == {'distribution_skipped': f"block_size {longest - 1} < {longest}, the longest sentence's tokens"}
-    assert metrics.summary(dict(hf_proportion=0.1, corpus_hf_proportion=0.1, **out)).endswith(out['distribution_skipped'])
+    assert tables.summary(dict(hf_proportion=0.1, corpus_hf_proportion=0.1, **out)).endswith(out['distribution_skipped'])
     fits = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=longest, vocab_size=d.tok.vocab_size))
     assert math.isfinite(metrics.distribution_metrics(fits, d.tok, d.corpus, d.train, d.val, n=4)['forward_kl'])
 

@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import model as M
+from checkpoint import load_gpt2_state_dict, load_model_state
+from conftest import count_params
+from distributed import peak_flops
 from model import GPT, GPTConfig, MLP, CausalSelfAttention
 
 
@@ -21,7 +24,7 @@ def tiny(**kw):
 
 @pytest.mark.parametrize('causal', [True, False])
 def test_masking_gpt_causal_bert_bidirectional(causal):
-    """GPT: changing token 5 leaves the logits at positions 0..4 unchanged (to 1e-6) and moves
+    """GPT: changing token 5 leaves the logits at positions 0..4 unchanged (bit for bit) and moves
     the ones from 5 on. BERT (causal=False): the same change moves the logits at position 0."""
     torch.manual_seed(0)
     m = GPT(tiny(causal=causal)).eval()
@@ -33,9 +36,9 @@ def test_masking_gpt_causal_bert_bidirectional(causal):
         b, _ = m(idx2)
     later = (a[:, 5:] - b[:, 5:]).abs().max().item()
     earlier = (a[:, :5] - b[:, :5]).abs().max().item()
-    assert later > 1e-4
+    assert later > 1e-4  # the change moves logits by ~0.5 (BERT's position 0: 8e-3); float32 rounding is ~1e-7
     if causal:
-        assert earlier <= 1e-6
+        assert earlier == 0  # the changed key and value enter rows 0..4 only as p = 0 weights (0 * v = 0): exact
     else:
         assert earlier > 1e-4
 
@@ -69,7 +72,7 @@ def assert_unbiased(mean, se, ref):
     z = ((mean - ref).abs() / (se + 1e-12)).max().item()
     assert z < 5, f"max z-score {z:.2f}"
     rel = ((mean - ref).norm() / ref.norm()).item()
-    assert rel < 5 * (se.norm() / ref.norm()).item() + 1e-6
+    assert rel < 5 * (se.norm() / ref.norm()).item() + 1e-6  # + 1e-6, + 1e-12: guards for se = 0, nil beside 5 se (~0.09)
 
 
 @pytest.mark.parametrize('mode', ['prob', 'fix'])
@@ -111,6 +114,8 @@ def test_dmu_prob_fix_edge_same_expectation_linear():
     # and so the three agree with each other (difference of two MC means: sqrt(2) x the error)
     scale = ref.norm()
     for a, b in (('prob', 'fix'), ('prob', 'edge'), ('fix', 'edge')):
+        # |se| is 0.018 (prob, fix) and 0.033 (edge) of |ref|: a difference's norm ~0.037 of it, over 96 coordinates
+        # (the norm varies by ~7%): 0.1 is 2.7x that, a false alarm needs chi^2_96 > 700
         assert (means[a] - means[b]).norm() / scale < 0.1
 
 
@@ -131,7 +136,7 @@ def test_dmu_half_retention_halves_mlp_flops(mode):
     full, half = flops(1.0), flops(0.5)
     assert full > 0
     if mode == 'fix':
-        assert half / full == pytest.approx(0.5, abs=1e-9)
+        assert half / full == 0.5  # integer FLOP counts, exactly half
     else:
         assert 0.34 < half / full < 0.66
 
@@ -156,7 +161,7 @@ def reference_attention(attn, x, q_k_override=None):
 @pytest.mark.parametrize('causal', [True, False])
 def test_dtu_r1_equals_plain_attention(causal):
     """r=1 in train mode is bit-identical to the eval path (which never uses DTU) and equals
-    the written-out softmax attention to float32 rounding (1e-5)."""
+    the written-out softmax attention to float32 rounding (1e-5: sums of <= 32 terms, |y| < 1)."""
     torch.manual_seed(4)
     attn = CausalSelfAttention(tiny(dtu_r=1.0, causal=causal)).train()
     x = torch.randn(2, 10, 32)
@@ -165,6 +170,8 @@ def test_dtu_r1_equals_plain_attention(causal):
         y_eval = attn.eval()(x)
         ref = reference_attention(attn, x)
     assert torch.equal(y_train, y_eval)
+    # float32 sums of <= 32 terms (q.k 16, softmax and att @ v 10, c_proj 32) of |y| < 1: ~sqrt(32) eps32 = 3e-7 each
+    # (measured <= 1.2e-7 at any SIMD width, 1-2 threads); 1e-5 is 30x that, and a wrong scale or dim moves y by > 1e-2
     assert torch.allclose(y_train, ref, atol=1e-5, rtol=0)
 
 
@@ -199,7 +206,7 @@ def test_dtu_keeps_round_r_hs_dims_and_uses_them(monkeypatch):
         y = attn(x)
         ref = reference_attention(attn, x, q_k_override=seen['qk'])
     assert seen['qk'][0].size(-1) == 8  # hs = 16, r = 0.5
-    assert torch.allclose(y, ref, atol=1e-5, rtol=0)
+    assert torch.allclose(y, ref, atol=1e-5, rtol=0)  # float32 rounding, as for r = 1 above
 
 
 def test_dtu_samples_proportional_to_score():
@@ -216,7 +223,7 @@ def test_dtu_samples_proportional_to_score():
     assert freq[0].item() == 0.0
     expected = torch.tensor([0, 1, 2, 3]) / 6
     sd = (expected * (1 - expected) / n).sqrt()
-    assert ((freq - expected).abs() <= 5 * sd + 1e-9).all(), freq
+    assert ((freq - expected).abs() <= 5 * sd + 1e-9).all(), freq  # 5 sd: false alarm 2e-6; 1e-9: dim 0's sd is 0
     # a zero-score dim is never picked even when most dims are kept (3 of 4)
     qs, _ = M.dtu_select(q[:500], q[:500].clone(), 0.75)
     assert not (qs == 0).any()
@@ -238,7 +245,7 @@ def test_bert_mask_proportions():
     chosen = targets != -1
     nc = chosen.sum().item()
 
-    def close(count, total, p):
+    def close(count, total, p):  # 5 binomial sd: a false alarm has probability 6e-7 (each of the 4)
         assert abs(count / total - p) <= 5 * math.sqrt(p * (1 - p) / total), (count / total, p)
 
     close(nc, n, 0.15)
@@ -269,8 +276,8 @@ def config_for(size, vocab_size, block_size):
 def test_named_size_parameter_counts(size, target):
     """Within 10% of the name, counted on the meta device (GPT-2 vocabulary and context)."""
     vocab = 50257 + size.startswith('bert')
-    n = M.count_params(config_for(size, vocab, 1024))
-    assert abs(n - target) / target < 0.10, f"{size}: {n / 1e6:.1f}M"
+    n = count_params(config_for(size, vocab, 1024))
+    assert abs(n - target) / target < 0.10, f"{size}: {n / 1e6:.1f}M"  # counts are exact; 10%: how close a name is
 
 
 def test_count_params_never_allocates_a_weight(monkeypatch):
@@ -285,9 +292,9 @@ def test_count_params_never_allocates_a_weight(monkeypatch):
 
     monkeypatch.setattr(torch.nn.Parameter, '__new__', meta_only)
     L, d, V, T = 36, 2560, 50257, 1024  # gpt2-3b: per block 12 d^2 + 13 d, plus embeddings, ln_f
-    assert M.count_params(config_for('gpt2-3b', V, T)) == L * (12 * d * d + 13 * d) + (V + T + 2) * d
+    assert count_params(config_for('gpt2-3b', V, T)) == L * (12 * d * d + 13 * d) + (V + T + 2) * d
     monkeypatch.undo()
-    assert M.count_params(config_for('tiny', 50, 16)) == GPT(config_for('tiny', 50, 16)).get_num_params()
+    assert count_params(config_for('tiny', 50, 16)) == GPT(config_for('tiny', 50, 16)).get_num_params()
 
 
 def test_mfu_counts_palm_flops_per_token_against_the_gpu_peak():
@@ -296,10 +303,10 @@ def test_mfu_counts_palm_flops_per_token_against_the_gpu_peak():
     with torch.device('meta'):
         m = GPT(config_for('gpt2', 50257, 1024))
     assert m.get_num_params() == 124_439_808
-    assert m.estimate_mfu(1e5, 989e12) == pytest.approx(855_166_464 * 1e5 / 989e12)
+    assert m.estimate_mfu(1e5, 989e12) == pytest.approx(855_166_464 * 1e5 / 989e12, rel=1e-12)  # fp64, a few roundings
     names = ('NVIDIA H100 80GB HBM3', 'NVIDIA H100 PCIe', 'NVIDIA H100 NVL', 'NVIDIA H200', 'NVIDIA A100-SXM4-80GB')
-    assert [M.peak_flops(n) for n in names] == [989e12, 756e12, 835e12, 989e12, 312e12]
-    assert M.peak_flops('NVIDIA GeForce RTX 4090') is None  # no MFU rather than a wrong one
+    assert [peak_flops(n) for n in names] == [989e12, 756e12, 835e12, 989e12, 312e12]
+    assert peak_flops('NVIDIA GeForce RTX 4090') is None  # no MFU rather than a wrong one
 
 
 # ---------------------------------------------------------------- GPT-2 weights
@@ -335,25 +342,25 @@ def test_load_gpt2_hf_layout_gives_identical_logits(lm_head):
         for name, p in src.named_parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
-    config, sd = M.load_gpt2_state_dict(hf_state_dict(src, lm_head))
+    config, sd = load_gpt2_state_dict(hf_state_dict(src, lm_head))
     assert (config.n_layer, config.n_head, config.n_embd, config.vocab_size, config.block_size) == (2, 2, 128, 97, 16)
     dst = GPT(config)
-    M.load_model_state(dst, sd, 'hf')
+    load_model_state(dst, sd, 'hf')
     dst.eval()
     idx = torch.randint(97, (2, 16))
     with torch.no_grad():
         assert torch.equal(dst(idx)[0], src(idx)[0])
     # a nanoGPT checkpoint dict ({'model': ...}) loads too
-    config2, sd2 = M.load_gpt2_state_dict({'model': src.state_dict()})
+    config2, sd2 = load_gpt2_state_dict({'model': src.state_dict()})
     dst2 = GPT(config2)
-    M.load_model_state(dst2, sd2, 'nanogpt')
+    load_model_state(dst2, sd2, 'nanogpt')
     with torch.no_grad():
         assert torch.equal(dst2.eval()(idx)[0], src(idx)[0])
 
 
 def test_load_gpt2_rejects_non_weights():
     with pytest.raises(SystemExit, match='no GPT-2 weights'):
-        M.load_gpt2_state_dict({'foo': torch.zeros(2)})
+        load_gpt2_state_dict({'foo': torch.zeros(2)})
     real = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=64, vocab_size=50, block_size=8)).state_dict()
     narrow = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=32, vocab_size=50, block_size=8)).state_dict()
     for broken in ({'transformer.wte.weight': torch.zeros(50, 64)},  # no wpe, no blocks
@@ -362,9 +369,9 @@ def test_load_gpt2_rejects_non_weights():
                    {k: v for k, v in real.items() if not k.startswith('transformer.h.')},
                    narrow):  # n_embd 32: GPT-2's n_head = n_embd // 64 would be 0
         with pytest.raises(SystemExit) as e:
-            M.load_gpt2_state_dict(broken)
+            load_gpt2_state_dict(broken)
         assert str(e.value).startswith('error: init_from file is not GPT-2 weights: ') and '\n' not in str(e.value)
-    assert M.load_gpt2_state_dict(real)[0].n_head == 1
+    assert load_gpt2_state_dict(real)[0].n_head == 1
 
 
 # ---------------------------------------------------------------- samplers

@@ -6,7 +6,6 @@ a time, a fresh run never mixes its files with an old run's).
 Most cases run in-process (train.main / sample.main / bench.main raising SystemExit); a few run
 as subprocesses, at once, to show the whole path to the terminal has no traceback. The synthetic
 corpus is built once per module (data.load_data cached): these tests are about folders, not data."""
-import functools
 import hashlib
 import json
 import os
@@ -21,24 +20,19 @@ import pytest
 import torch
 
 import bench
-import data
 import sample
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--n_layer=1', '--n_embd=32', '--n_head=2', '--block_size=16', '--batch_size=4', '--max_iters=4',
         '--eval_interval=2', '--eval_iters=1', '--num_samples=2', '--sample_tokens=8', '--device=cpu',
-        '--dtype=float32']
+        '--dtype=float32', '--eval_dist_samples=0']
 LONG = ['--max_iters=60', '--eval_interval=5', '--log_interval=1', '--warmup_iters=5', '--lr_decay_iters=60']
 TIMING = ('tok_per_s', 'eta_s')
 NO_GPU = 'cuda' if not torch.cuda.is_available() else f'cuda:{torch.cuda.device_count()}'  # a device not here
 
 
-@pytest.fixture(scope='module', autouse=True)
-def cached_data():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, 'load_data', functools.lru_cache(data.load_data))
-        yield
+pytestmark = pytest.mark.usefixtures('cached_data')  # conftest.py: one corpus a module
 
 
 def train_main(out_dir, *args):

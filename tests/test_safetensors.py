@@ -1,4 +1,4 @@
-"""model.load_checkpoint reads Hugging Face's .safetensors weights (GPT-2 layout, with or without 'transformer.',
+"""checkpoint.load_checkpoint reads Hugging Face's .safetensors weights (GPT-2 layout, with or without 'transformer.',
 or nanoGPT's) into what the torch-file path gives; safetensors is imported only for such a file."""
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-import model as M
+import checkpoint as M
 
 CONFIG = dict(n_layer=2, n_embd=64, vocab_size=50257, n_positions=64)
 
@@ -67,6 +67,6 @@ def test_safetensors_errors(tmp_path, monkeypatch):
 
 def test_torch_files_do_not_import_safetensors(tmp_path):
     torch.save({'x': torch.zeros(2)}, str(tmp_path / 'ckpt.pt'))
-    code = f"import sys, model; model.load_checkpoint({str(tmp_path / 'ckpt.pt')!r}); print('safetensors' in sys.modules)"
+    code = f"import sys, checkpoint; checkpoint.load_checkpoint({str(tmp_path / 'ckpt.pt')!r}); print('safetensors' in sys.modules)"
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=M.__file__.rsplit('/', 1)[0])
     assert r.returncode == 0 and r.stdout.strip() == 'False', r.stderr

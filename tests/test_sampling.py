@@ -186,7 +186,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         draws = sample_next(logits, top_p=p).squeeze(1)
         assert set(draws.unique().tolist()) == kept
     draws = sample_next(logits, top_p=0.7).squeeze(1)
-    assert abs((draws == 1).float().mean().item() - 0.5 / 0.8) < 0.02
+    assert abs((draws == 1).float().mean().item() - 0.5 / 0.8) < 0.02  # 20000 draws: se 0.0034, 0.02 = 5.8 se (false alarm 5e-9)
 
 
 # ---------------------------------------------------------------- sample_texts

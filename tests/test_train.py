@@ -16,6 +16,7 @@ import torch
 import sample
 import train
 from conftest import ROOT, TINY, evals, needs_compiler, read_log, run, steps, torchrun
+from model import GPT, GPTConfig
 from stabilize import Diagnostics
 
 TIMING = ('tok_per_s', 'eta_s')  # wall-clock figures, the only ones allowed to differ between runs
@@ -81,8 +82,10 @@ def test_artifacts(gpt_run):
     assert report['stability']['verdict'] in ('stable', 'not stable')
     # the logged ||theta|| is the final weights' norm (the tied embedding counted once)
     weights = [v for k, v in ckpt['model'].items() if k != 'lm_head.weight']
+    # float32 norms: sums of squares of up to n = 13k terms (the embedding) in any order, 5 sqrt(n) eps32, halved by the sqrt
+    n = max(w.numel() for w in weights)
     assert ev[-1]['param_norm'] == pytest.approx(math.sqrt(sum(w.double().pow(2).sum().item() for w in weights)),
-                                                 rel=1e-5)
+                                                 rel=5 * math.sqrt(n) * 2 ** -24 / 2)
     samples = open(os.path.join(gpt_run, 'samples.txt')).read().split('\n=====\n')
     assert len(samples) == 4 and all(s.strip() for s in samples)
 
@@ -109,7 +112,7 @@ def test_report_has_the_theorem_keys_and_the_decoder(gpt_run, capsys):
     assert set(THEOREM) | {k + '_se' for k in THEOREM} | {'entropy_rate', 'val_gap', 'excess'} <= set(m)
     assert report['decoder'] == {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0}
     assert m['n_distribution_samples'] == 50 and math.isfinite(m['forward_kl']) and m['forward_kl_se'] < 0.1  # TINY's --dist_samples
-    assert m['excess'] == pytest.approx(m['train_share'] - m['train_true_mass'])
+    assert m['excess'] == m['train_share'] - m['train_true_mass']  # the same float64 subtraction: exact
 
 
 def test_sample_py_metrics_per_decoder(gpt_run, capsys):
@@ -138,14 +141,14 @@ def test_eval_uses_fixed_batches_and_leaves_training_rng(gpt_run):
     """estimate_loss gives the same numbers twice for the same model (fixed eval generator) and
     does not advance the global RNG, so evaluating never changes the training trajectory."""
     ckpt = torch.load(os.path.join(gpt_run, 'ckpt.pt'), map_location='cpu', weights_only=False)
-    m = train.GPT(train.GPTConfig(**ckpt['model_args']))
+    m = GPT(GPTConfig(**ckpt['model_args']))
     m.load_state_dict(ckpt['model'])
     from data import load_data
     tr, va, tok, _, _ = load_data('synthetic', 'auto', n_sentences=2000)
     for kind in ('gpt', 'bert'):
         c = {**ckpt['config'], 'model': kind}
         if kind == 'bert':  # a BERT-shaped model: one more token, bidirectional
-            m = train.GPT(train.GPTConfig(**{**ckpt['model_args'], 'vocab_size': tok.vocab_size + 1, 'causal': False}))
+            m = GPT(GPTConfig(**{**ckpt['model_args'], 'vocab_size': tok.vocab_size + 1, 'causal': False}))
         state = torch.get_rng_state()
         a = train.estimate_loss(m, {'val': va}, c, tok, 'cpu', train.nullcontext())
         assert torch.equal(torch.get_rng_state(), state)
@@ -324,6 +327,10 @@ def test_compile_gives_the_eager_numbers(tmp_path, monkeypatch):
     eager = steps(run(str(tmp_path / 'eager'), *flags))
     compiled = steps(run(str(tmp_path / 'compiled'), *flags, '--compile=True'))
     assert {r['baara_dmu_p'] for r in eager} == {0.5, 1.0}  # both keeps were used
+    # inductor's kernels sum in other orders: a norm of n ~ 40k float32 squares errs 5 sqrt(n) eps32 / 2 = 3e-5, what
+    # clipping and the logged norms see; AdamW (scale-free) carries little of it over 4 steps: rel 1e-4 (measured 1.2e-7).
+    # abs 1e-6, for values near 0: PSU's feedback loss lambda sum (e / sd)^2 (e = s - r < 0.07, sd ~1) moves by
+    # 2 lambda e de / sd^2 <= 1e-6 while its statistics s, r (~6 nats) are 3.6e-5 apart (as test_fsdp's same_numbers)
     for a, b in zip(untimed(eager), untimed(compiled), strict=True):
         for key, value in a.items():
             assert b[key] == (pytest.approx(value, rel=1e-4, abs=1e-6) if isinstance(value, float) else value), key
