@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from data import (SEP, Encoded, count_words as word_counts, encode, entropy, get_batch, ngrams,
                   reference_texts, row_sentences, sentence_keys, sentences, split_sentences,
                   template_labels, tokenize, true_logprobs)
-from distributed import PIECE
+from distributed import PIECE, is_rank0
 from model import decoder_logits, mask_id, mask_tokens
 
 
@@ -326,8 +326,8 @@ EXACT = ('forward_kl', 'reverse_kl', 'off_support', 'model_entropy', 'train_shar
 
 def exact_metrics(model, data, c, ctx=nullcontext()):
     """Theorem 5.5's exact quantities now: distribution_metrics on eval_dist_samples, no val loss,
-    the run's decoder and seed (at equal sizes, the end of run's); {} under FSDP (can't sample)."""
-    if c['fsdp']:
+    the run's decoder and seed (end of run's, at equal n); {} under FSDP, off rank 0 (it logs)"""
+    if c['fsdp'] or not is_rank0():
         return {}
     m = distribution_metrics(model, data.tok, data.corpus, data.train, data.val, ctx=ctx, val=False,
                              n=c['eval_dist_samples'], device=c['device'], seed=c['seed'],
